@@ -1,0 +1,234 @@
+"""`Omni`: a diffusers pipeline with an LRU-cached LoRA manager, behind vLLM-Omni's offline API."""
+
+from __future__ import annotations
+
+import math
+import platform
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import torch
+
+from omni_engine.lora.manager import LoRAInfo, LoRAManager
+from omni_engine.lora.request import LoRARequest
+from omni_engine.models.loader import load_model, resolve_device
+from omni_engine.outputs import OmniRequestOutput
+
+MAX_SEED = 2**63 - 1
+VERSIONED_PACKAGES = ("omni-batch", "torch", "diffusers", "peft", "transformers")
+
+
+def library_versions() -> dict[str, str]:
+    found = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    found["python"] = platform.python_version()
+    return found
+
+
+class Omni:
+    """Generates images with one diffusion model and many LoRA adapters.
+
+    Adapters live in three tiers (resident in the model, held in host memory, disk) and are
+    identified by content, so the same directory is never loaded twice while it is cached.
+    A call's adapter is applied by switching the model's active adapter and its scale, which
+    copies no weights; `lora_scale=0.0` runs the base model exactly.
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny-sd3",
+        *,
+        lora_path: str | None = None,
+        max_loras: int = 4,
+        max_cpu_loras: int = 16,
+        max_lora_rank: int = 256,
+        adapter_roots: Sequence[str] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> None:
+        self.device, self.dtype = resolve_device(device, dtype)
+        self._model = load_model(model, device=self.device, dtype=self.dtype)
+        self._lora = LoRAManager(
+            self._model.denoiser,
+            component=self._model.denoiser_name,
+            max_loras=max_loras,
+            max_cpu_loras=max_cpu_loras,
+            max_lora_rank=max_lora_rank,
+            adapter_roots=list(adapter_roots) if adapter_roots is not None else None,
+            pin_host_memory=self.device.type == "cuda",
+        )
+        self._lock = threading.RLock()
+        self._versions = library_versions()
+        if lora_path is not None:
+            self._lora.preload(lora_path)
+
+    @property
+    def pipeline(self) -> Any:
+        return self._model.pipeline
+
+    @property
+    def model_id(self) -> str:
+        return self._model.model_id
+
+    @property
+    def size_multiple(self) -> int:
+        """Heights and widths must be multiples of this for the model."""
+        return self._model.size_multiple
+
+    def generate(
+        self,
+        prompt: str | list[str],
+        *,
+        lora_request: LoRARequest | None = None,
+        lora_scale: float = 1.0,
+        seed: int | list[int] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        negative_prompt: str | None = None,
+    ) -> list[OmniRequestOutput]:
+        """One output per prompt, all in one pipeline call with one adapter at one scale.
+
+        `seed` may be one int (prompt i uses seed + i) or one per prompt; omitted, a random seed
+        is drawn and recorded. A prompt's image depends only on its own seed.
+        """
+        # 1. Check inputs.
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) and p for p in prompts):
+            raise ValueError(f"prompt must be a non-empty string or list of them, got {prompt!r}")
+        seeds = self._seeds(seed, len(prompts))
+        if (
+            isinstance(lora_scale, bool)
+            or not isinstance(lora_scale, int | float)
+            or not math.isfinite(lora_scale)
+        ):
+            raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}")
+        if lora_request is not None and not isinstance(lora_request, LoRARequest):
+            raise TypeError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        defaults = self._model.defaults
+        height = self._check_size("height", height if height is not None else defaults.height)
+        width = self._check_size("width", width if width is not None else defaults.width)
+        steps = num_inference_steps if num_inference_steps is not None else defaults.steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
+        guidance = guidance_scale if guidance_scale is not None else defaults.guidance_scale
+        if guidance is not None and (not isinstance(guidance, int | float) or not math.isfinite(guidance)):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance!r}")
+
+        call: dict[str, Any] = {"prompt": prompts, "output_type": "pil"}
+        for key, value in (
+            ("num_inference_steps", steps),
+            ("guidance_scale", guidance),
+            ("height", height),
+            ("width", width),
+            ("negative_prompt", [negative_prompt] * len(prompts) if negative_prompt is not None else None),
+        ):
+            if value is not None:
+                call[key] = value
+
+        with self._lock:
+            # 2. Activate the adapter (a switch if resident, a load otherwise).
+            started = time.perf_counter()
+            adapter, source = self._lora.activate(lora_request, float(lora_scale))
+            adapter_s = time.perf_counter() - started
+
+            # 3. Denoise, one generator per prompt so batching never changes an image.
+            generators = [torch.Generator(self._generator_device()).manual_seed(s) for s in seeds]
+            started = time.perf_counter()
+            images = self._model.pipeline(generator=generators, **call).images
+            generate_s = time.perf_counter() - started
+
+        lora = None
+        if adapter is not None:
+            lora = {
+                "name": lora_request.lora_name,
+                "lora_int_id": lora_request.lora_int_id,
+                "path": str(adapter.path),
+                "sha256": adapter.sha256,
+                "rank": adapter.max_rank,
+            }
+        shared = {
+            "model": self._model.model_id,
+            "lora": lora,
+            "lora_scale": float(lora_scale),
+            "adapter_source": source,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "height": height,
+            "width": width,
+            "negative_prompt": negative_prompt,
+            "batch_size": len(prompts),
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "versions": dict(self._versions),
+            "timings": {"adapter_s": adapter_s, "generate_s": generate_s},
+        }
+        return [
+            OmniRequestOutput(prompt=p, images=[image], metadata={"seed": s, **shared})
+            for p, s, image in zip(prompts, seeds, images, strict=True)
+        ]
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Read, check and hold an adapter in host memory, ready for a fast first use."""
+        with self._lock:
+            self._lora.add(lora_request)
+            return True
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        with self._lock:
+            return self._lora.remove(lora_int_id)
+
+    def pin_lora(self, lora_int_id: int) -> bool:
+        """Keep an adapter resident and held until removed; False if the id names no held adapter."""
+        with self._lock:
+            return self._lora.pin(lora_int_id)
+
+    def list_loras(self) -> list[LoRAInfo]:
+        with self._lock:
+            return self._lora.list()
+
+    def lora_stats(self) -> dict[str, int]:
+        with self._lock:
+            return self._lora.stats_dict()
+
+    def held_adapters(self) -> tuple[set[str], set[str]]:
+        """Canonical paths of (resident, held) adapters: what a scheduler needs to order work."""
+        with self._lock:
+            return self._lora.held_keys()
+
+    def _generator_device(self) -> str:
+        return "cpu" if self.device.type == "mps" else self.device.type
+
+    def _check_size(self, field: str, value: int | None) -> int | None:
+        if value is None:
+            return None
+        multiple = self._model.size_multiple
+        if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
+            raise ValueError(
+                f"{field} must be a positive multiple of {multiple} for this model, got {value!r}"
+            )
+        return value
+
+    @staticmethod
+    def _seeds(seed: int | list[int] | None, count: int) -> list[int]:
+        if seed is None:
+            return [secrets.randbelow(MAX_SEED + 1) for _ in range(count)]
+        if isinstance(seed, list):
+            if len(seed) != count:
+                raise ValueError(f"seed has {len(seed)} values for {count} prompts")
+            seeds = seed
+        else:
+            seeds = [seed + i for i in range(count)]
+        for s in seeds:
+            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+                raise ValueError(f"seed must be an int in 0..2**63-1, got {s!r}")
+        return seeds

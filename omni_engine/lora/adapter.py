@@ -1,0 +1,192 @@
+"""A LoRA adapter read from disk and checked: config, weights, keys, ranks. No model is touched here."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from omni_engine.errors import IncompatibleAdapterError, InvalidAdapterError
+from omni_engine.lora.config import AdapterConfig
+from omni_engine.lora.paths import resolve_adapter_dir, resolve_file
+from omni_engine.lora.safetensors_file import read_safetensors
+
+CONFIG_FILE = "adapter_config.json"
+# PEFT's name first, then the name diffusers' save_lora_weights uses.
+WEIGHT_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+PEFT_PREFIX = "base_model.model."
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+# An adapter's identity: its canonical directory and the sha256 of its weights.
+AdapterKey = tuple[str, str]
+# What a directory looked like when read: cheap to re-check before trusting a cached copy.
+Signature = tuple[tuple[str, int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class LoRAAdapter:
+    name: str
+    path: Path
+    sha256: str
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor]
+    ranks: dict[str, int]
+    nbytes: int
+    signature: Signature
+
+    @property
+    def key(self) -> AdapterKey:
+        return (str(self.path), self.sha256)
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted(self.ranks)
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.ranks.values())
+
+
+def _files(directory: Path, roots: tuple[Path, ...] | None, *, adapter: str) -> tuple[Path | None, Path]:
+    config = resolve_file(directory, CONFIG_FILE, roots, adapter=adapter)
+    for name in WEIGHT_FILES:
+        weights = resolve_file(directory, name, roots, adapter=adapter)
+        if weights is not None:
+            return config, weights
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise InvalidAdapterError(
+            adapter,
+            f"only pickle weights ({', '.join(pickles)}); they are never loaded because unpickling can run "
+            f"code: convert them to {WEIGHT_FILES[0]}",
+        )
+    raise InvalidAdapterError(adapter, f"no {WEIGHT_FILES[0]} in {directory}")
+
+
+def signature(path: str, roots: tuple[Path, ...] | None, *, adapter: str) -> tuple[Path, Signature]:
+    """The canonical directory and the stat of the files a read would use."""
+    directory = resolve_adapter_dir(path, roots, adapter=adapter)
+    files = [f for f in _files(directory, roots, adapter=adapter) if f is not None]
+    stats = []
+    for f in files:
+        st = f.stat()
+        stats.append((str(f), st.st_ino, st.st_size, st.st_mtime_ns))
+    return directory, tuple(stats)
+
+
+def read_adapter(path: str, *, name: str, component: str, roots: tuple[Path, ...] | None) -> LoRAAdapter:
+    """Resolve, read and check an adapter. `component` is the model part keys may be prefixed with."""
+    directory, sig = signature(path, roots, adapter=name)
+    config_file, weights_file = _files(directory, roots, adapter=name)
+    weights = read_safetensors(weights_file, adapter=name)
+
+    if config_file is not None:
+        try:
+            raw_config = json.loads(config_file.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InvalidAdapterError(name, f"{CONFIG_FILE} is not valid JSON: {e}") from e
+        config = AdapterConfig.from_dict(raw_config, adapter=name, source=CONFIG_FILE)
+    elif DIFFUSERS_METADATA_KEY in weights.metadata:
+        config = AdapterConfig.from_dict(
+            _diffusers_metadata(weights.metadata[DIFFUSERS_METADATA_KEY], component, adapter=name),
+            adapter=name,
+            source=f"{weights_file.name} header",
+        )
+    else:
+        raise InvalidAdapterError(
+            name, f"no {CONFIG_FILE} and no {DIFFUSERS_METADATA_KEY} in the {weights_file.name} header"
+        )
+
+    tensors = _module_tensors(weights.tensors, component, adapter=name)
+    ranks = _ranks(tensors, config, adapter=name)
+    return LoRAAdapter(
+        name=name,
+        path=directory,
+        sha256=weights.sha256,
+        config=config,
+        tensors=tensors,
+        ranks=ranks,
+        nbytes=weights.nbytes,
+        signature=sig,
+    )
+
+
+def _diffusers_metadata(raw: str, component: str, *, adapter: str) -> dict:
+    """diffusers writes the config unprefixed (model save) or prefixed by component (pipeline save)."""
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InvalidAdapterError(adapter, f"{DIFFUSERS_METADATA_KEY} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise InvalidAdapterError(adapter, f"{DIFFUSERS_METADATA_KEY} is not a JSON object")
+    prefix = f"{component}."
+    if any(k.startswith(prefix) for k in data):
+        return {k.removeprefix(prefix): v for k, v in data.items() if k.startswith(prefix)}
+    return data
+
+
+def _module_tensors(
+    tensors: dict[str, torch.Tensor], component: str, *, adapter: str
+) -> dict[str, torch.Tensor]:
+    """Map both key layouts to `<module>.lora_A.weight`, module paths relative to the model part."""
+    out: dict[str, torch.Tensor] = {}
+    foreign: set[str] = set()
+    unsupported: list[str] = []
+    for key, tensor in tensors.items():
+        if key.startswith(PEFT_PREFIX):
+            rest = key.removeprefix(PEFT_PREFIX)
+        elif key.startswith(f"{component}."):
+            rest = key.removeprefix(f"{component}.")
+        elif "." in key and ".lora_" in key:
+            foreign.add(key.split(".", 1)[0])
+            continue
+        else:
+            unsupported.append(key)
+            continue
+        if not rest.endswith(LORA_SUFFIXES):
+            unsupported.append(key)
+            continue
+        out[rest] = tensor
+    if unsupported:
+        shown = ", ".join(sorted(unsupported)[:3])
+        raise InvalidAdapterError(
+            adapter,
+            f"unsupported weight key(s) {shown}: expected PEFT LoRA keys "
+            f"'{PEFT_PREFIX}<module>.lora_A.weight' or '{component}.<module>.lora_A.weight' "
+            "(DoRA, LoRA biases and other formats are not supported)",
+        )
+    if foreign:
+        raise IncompatibleAdapterError(
+            adapter,
+            f"has weights for {', '.join(sorted(foreign))}; only the model's {component} can be adapted",
+        )
+    return out
+
+
+def _ranks(tensors: dict[str, torch.Tensor], config: AdapterConfig, *, adapter: str) -> dict[str, int]:
+    """Each module's rank, from its lora_A, checked against lora_B and the config."""
+    problems: list[str] = []
+    ranks: dict[str, int] = {}
+    modules = {key.rsplit(".", 2)[0] for key in tensors}
+    for module in sorted(modules):
+        a, b = tensors.get(f"{module}.lora_A.weight"), tensors.get(f"{module}.lora_B.weight")
+        if a is None or b is None:
+            problems.append(f"{module} lacks {'lora_A' if a is None else 'lora_B'}")
+            continue
+        if a.ndim < 2 or b.ndim < 2 or a.shape[0] != b.shape[1]:
+            problems.append(
+                f"{module} has lora_A {list(a.shape)} and lora_B {list(b.shape)} of different ranks"
+            )
+            continue
+        expected = config.rank_for(module)
+        if a.shape[0] != expected:
+            problems.append(f"{module} has rank {a.shape[0]} but the config says {expected}")
+            continue
+        ranks[module] = a.shape[0]
+    if problems:
+        raise InvalidAdapterError(adapter, "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
+    return ranks

@@ -1,0 +1,329 @@
+"""The three adapter tiers: resident in the model, held in host memory, and disk.
+
+Every adapter the engine holds is in the host tier (`max_cpu_loras`, resident ones included, as
+in vLLM); up to `max_loras` of them are also injected into the model, where activating one or
+changing its scale copies no weights. Both tiers evict least recently used unpinned adapters.
+An adapter is read and checked completely before anything held is touched, so a bad adapter
+never costs a good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from omni_engine.errors import AdapterError, IncompatibleAdapterError, LoRACapacityError
+from omni_engine.lora.adapter import AdapterKey, LoRAAdapter, read_adapter, signature
+from omni_engine.lora.layers import adaptable_layers, check_compatible
+from omni_engine.lora.lru import LRUCache
+from omni_engine.lora.paths import canonical_roots
+from omni_engine.lora.request import LoRARequest
+
+# Where the adapter of a call came from (CONTRACT section 4, `adapter_source`).
+SOURCE_DISK = "disk"
+SOURCE_HOST = "host"
+SOURCE_RESIDENT = "resident"
+
+_UNKNOWN = object()  # the model's active-adapter state after an injection: must be set again
+
+
+@dataclass
+class LoRAStats:
+    disk_loads: int = 0
+    cpu_hits: int = 0
+    gpu_hits: int = 0
+    activations: int = 0
+    resident_evictions: int = 0
+    host_evictions: int = 0
+    load_failures: int = 0
+
+    @property
+    def evictions(self) -> int:
+        return self.resident_evictions + self.host_evictions
+
+
+@dataclass(frozen=True)
+class LoRAInfo:
+    """One held adapter, as `Omni.list_loras()` reports it."""
+
+    name: str
+    path: str
+    sha256: str
+    rank: int
+    nbytes: int
+    resident: bool
+    pinned: bool
+    lora_int_ids: tuple[int, ...] = field(default=())
+
+
+class LoRAManager:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        component: str,
+        max_loras: int,
+        max_cpu_loras: int,
+        max_lora_rank: int,
+        adapter_roots: list[str] | None,
+        pin_host_memory: bool = False,
+    ) -> None:
+        if max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {max_loras}")
+        if max_cpu_loras < max_loras:
+            raise ValueError(
+                f"max_cpu_loras ({max_cpu_loras}) counts every held adapter, resident ones included, "
+                f"so it must be >= max_loras ({max_loras})"
+            )
+        if max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {max_lora_rank}")
+        self._model = model
+        self._component = component
+        self._layers = adaptable_layers(model)
+        self._max_rank = max_lora_rank
+        self._roots = canonical_roots(adapter_roots)
+        self._pin_host_memory = pin_host_memory
+        self._held: LRUCache[AdapterKey, LoRAAdapter] = LRUCache(max_cpu_loras, self._evicted_from_host)
+        self._resident: LRUCache[AdapterKey, str] = LRUCache(max_loras, self._evicted_from_model)
+        self._by_path: dict[str, AdapterKey] = {}
+        self._ids: dict[int, AdapterKey] = {}
+        self._names = (f"omni_{i}" for i in itertools.count())
+        self._active: object = None  # None (LoRA off), (model adapter name, scale), or _UNKNOWN
+        self._last_activated: str | None = None
+        self.stats = LoRAStats()
+
+    # -- public operations -------------------------------------------------------------------
+
+    def activate(self, request: LoRARequest | None, scale: float) -> tuple[LoRAAdapter | None, str | None]:
+        """Make the request's adapter the only active one at `scale` (None or 0.0: the base model)."""
+        if request is None:
+            self._apply(None)
+            return None, None
+        adapter, source = self._acquire(request, resident=True)
+        self._apply(None if scale == 0.0 else (self._resident.get(adapter.key), scale))
+        return adapter, source
+
+    def add(self, request: LoRARequest) -> LoRAAdapter:
+        """Read and hold an adapter in host memory without injecting it."""
+        adapter, _ = self._acquire(request, resident=False)
+        return adapter
+
+    def preload(self, path: str) -> LoRAAdapter:
+        """The adapter given at start: held, resident and pinned in both tiers."""
+        adapter, _ = self._acquire(
+            LoRARequest(Path(path).name or path, 1, path), resident=True, record_id=False
+        )
+        self._pin(adapter.key)
+        return adapter
+
+    def pin(self, lora_int_id: int) -> bool:
+        key = self._ids.get(lora_int_id)
+        if key is None or key not in self._held:
+            return False
+        if key not in self._resident:
+            self._make_resident(self._held.get(key))
+        self._pin(key)
+        return True
+
+    def remove(self, lora_int_id: int) -> bool:
+        key = self._ids.get(lora_int_id)
+        if key is None or key not in self._held:
+            self._ids.pop(lora_int_id, None)
+            return False
+        self._drop(key)
+        return True
+
+    def list(self) -> list[LoRAInfo]:
+        infos = []
+        for key in reversed(list(self._held)):  # most recently used first
+            adapter = self._held.get(key)
+            infos.append(
+                LoRAInfo(
+                    name=adapter.name,
+                    path=str(adapter.path),
+                    sha256=adapter.sha256,
+                    rank=adapter.max_rank,
+                    nbytes=adapter.nbytes,
+                    resident=key in self._resident,
+                    pinned=self._held.is_pinned(key),
+                    lora_int_ids=tuple(sorted(i for i, k in self._ids.items() if k == key)),
+                )
+            )
+        return infos
+
+    def stats_dict(self) -> dict[str, int]:
+        return {
+            **dataclasses.asdict(self.stats),
+            "evictions": self.stats.evictions,
+            "resident": len(self._resident),
+            "held": len(self._held),
+        }
+
+    def held_keys(self) -> tuple[set[str], set[str]]:
+        """Canonical paths of resident and of held adapters, for a scheduler deciding what runs next."""
+        resident = {key[0] for key in self._resident}
+        return resident, {key[0] for key in self._held}
+
+    # -- tiers -------------------------------------------------------------------------------
+
+    def _acquire(
+        self, request: LoRARequest, *, resident: bool, record_id: bool = True
+    ) -> tuple[LoRAAdapter, str]:
+        name = request.lora_name
+        try:
+            directory, sig = signature(request.lora_path, self._roots, adapter=name)
+            key = self._by_path.get(str(directory))
+            held = self._held.get(key) if key is not None else None
+            if held is not None and held.signature == sig:
+                adapter = held
+                source = SOURCE_RESIDENT if key in self._resident else SOURCE_HOST
+            else:
+                adapter = self._read(request)
+                source = SOURCE_DISK
+            if not self._held.has_room_for(adapter.key):
+                raise LoRACapacityError(f"all {self._held.capacity} host slots (max_cpu_loras) are pinned")
+            if resident and adapter.key not in self._resident:
+                self._make_resident(adapter)
+        except AdapterError:
+            self.stats.load_failures += 1
+            raise
+
+        if source == SOURCE_DISK:
+            self._admit(adapter)
+            self.stats.disk_loads += 1
+        elif source == SOURCE_HOST and resident:
+            self.stats.cpu_hits += 1
+        elif source == SOURCE_RESIDENT:
+            self.stats.gpu_hits += 1
+        self._held.touch(adapter.key)
+        if adapter.key in self._resident:
+            self._resident.touch(adapter.key)
+        if record_id:
+            self._ids[request.lora_int_id] = adapter.key
+        return adapter, source
+
+    def _read(self, request: LoRARequest) -> LoRAAdapter:
+        adapter = read_adapter(
+            request.lora_path, name=request.lora_name, component=self._component, roots=self._roots
+        )
+        check_compatible(adapter, self._layers, max_rank=self._max_rank)
+        if self._pin_host_memory:
+            adapter = dataclasses.replace(
+                adapter, tensors={k: v.pin_memory() for k, v in adapter.tensors.items()}
+            )
+        return adapter
+
+    def _admit(self, adapter: LoRAAdapter) -> None:
+        """Hold a freshly read adapter; older content read from the same directory is dropped."""
+        path = str(adapter.path)
+        previous = self._by_path.get(path)
+        pinned = False
+        if previous is not None and previous != adapter.key:
+            pinned = self._held.is_pinned(previous)
+            self._redirect_ids(previous, adapter.key)
+            self._drop(previous)
+        if adapter.key in self._held:  # same content, files touched: keep it, refresh what we saw
+            pinned = pinned or self._held.is_pinned(adapter.key)
+        self._held.put(adapter.key, adapter)
+        self._by_path[path] = adapter.key
+        if pinned:
+            self._pin(adapter.key)
+
+    def _make_resident(self, adapter: LoRAAdapter) -> None:
+        if not self._resident.has_room_for(adapter.key):
+            raise LoRACapacityError(f"all {self._resident.capacity} resident slots (max_loras) are pinned")
+        name = self._inject(adapter)
+        self._resident.put(adapter.key, name)
+
+    def _pin(self, key: AdapterKey) -> None:
+        self._held.pin(key)
+        if key in self._resident:
+            self._resident.pin(key)
+
+    def _drop(self, key: AdapterKey) -> None:
+        name = self._resident.remove(key)
+        if name is not None:
+            self._unload(name)
+        adapter = self._held.remove(key)
+        self._forget(key, adapter)
+
+    def _forget(self, key: AdapterKey, adapter: LoRAAdapter | None) -> None:
+        if adapter is not None and self._by_path.get(str(adapter.path)) == key:
+            del self._by_path[str(adapter.path)]
+        for lora_id in [i for i, k in self._ids.items() if k == key]:
+            del self._ids[lora_id]
+
+    def _redirect_ids(self, old: AdapterKey, new: AdapterKey) -> None:
+        for lora_id, key in self._ids.items():
+            if key == old:
+                self._ids[lora_id] = new
+
+    def _evicted_from_model(self, key: AdapterKey, name: str) -> None:
+        self.stats.resident_evictions += 1
+        self._unload(name)
+
+    def _evicted_from_host(self, key: AdapterKey, adapter: LoRAAdapter) -> None:
+        self.stats.host_evictions += 1
+        name = self._resident.remove(key)
+        if name is not None:
+            self._unload(name)
+        self._forget(key, adapter)
+
+    # -- the model ---------------------------------------------------------------------------
+
+    def _inject(self, adapter: LoRAAdapter) -> str:
+        """Load the adapter into the model under a fresh name; undo everything if it does not take."""
+        name = next(self._names)
+        self._active = _UNKNOWN  # new wrapper layers start enabled and active: reapply state later
+        try:
+            with warnings.catch_warnings():
+                # Several adapters in one model is the point of the resident tier.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                self._model.load_lora_adapter(
+                    dict(adapter.tensors),
+                    prefix=None,
+                    adapter_name=name,
+                    metadata=adapter.config.peft_kwargs(adapter.modules),
+                )
+        except Exception as e:
+            self._unload(name)
+            raise IncompatibleAdapterError(adapter.name, f"loading into the model failed: {e}") from e
+        changed = sum(1 for m in self._model.modules() if isinstance(m, BaseTunerLayer) and name in m.lora_A)
+        if changed != len(adapter.modules):
+            self._unload(name)
+            raise IncompatibleAdapterError(
+                adapter.name, f"changed {changed} of the {len(adapter.modules)} layers it targets"
+            )
+        return name
+
+    def _unload(self, name: str) -> None:
+        if name in getattr(self._model, "peft_config", {}):
+            self._model.delete_adapters(name)
+        if not getattr(self._model, "peft_config", None):
+            # No adapter left: remove the wrapper layers too, so the base model runs untouched.
+            self._model.unload_lora()
+        self._active = _UNKNOWN
+
+    def _apply(self, target: tuple[str, float] | None) -> None:
+        """Set the model's active adapter and scale: a flag and a float per layer, no weight copies."""
+        if target == self._active:
+            return
+        previous = self._active
+        if target is None:
+            if getattr(self._model, "peft_config", None):
+                self._model.disable_lora()
+        else:
+            if previous is None or previous is _UNKNOWN:
+                self._model.enable_lora()
+            name, scale = target
+            self._model.set_adapters([name], weights=[scale])
+            if name != self._last_activated:
+                self.stats.activations += 1
+                self._last_activated = name
+        self._active = target

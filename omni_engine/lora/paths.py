@@ -1,0 +1,45 @@
+"""Where an adapter may be read from: every path is resolved (`..`, symlinks) and checked against the roots."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from omni_engine.errors import AdapterAccessError, AdapterNotFoundError
+
+
+def canonical_roots(roots: Sequence[str | os.PathLike] | None) -> tuple[Path, ...] | None:
+    if roots is None:
+        return None
+    return tuple(Path(os.path.realpath(root)) for root in roots)
+
+
+def _check_inside(path: Path, roots: tuple[Path, ...] | None, *, adapter: str, shown: str) -> None:
+    if roots is None:
+        return
+    if not any(path == root or path.is_relative_to(root) for root in roots):
+        raise AdapterAccessError(adapter, f"{shown} resolves outside the allowed adapter roots")
+
+
+def resolve_adapter_dir(path: str | os.PathLike, roots: tuple[Path, ...] | None, *, adapter: str) -> Path:
+    """The adapter's canonical directory. Access is checked before existence, so nothing leaks."""
+    resolved = Path(os.path.realpath(os.path.expanduser(path)))
+    _check_inside(resolved, roots, adapter=adapter, shown=f"path {os.fspath(path)!r}")
+    if not resolved.exists():
+        raise AdapterNotFoundError(adapter, f"no such directory {os.fspath(path)!r}")
+    if not resolved.is_dir():
+        raise AdapterNotFoundError(adapter, f"{os.fspath(path)!r} is not a directory")
+    return resolved
+
+
+def resolve_file(directory: Path, name: str, roots: tuple[Path, ...] | None, *, adapter: str) -> Path | None:
+    """A file inside the adapter directory, or None; a symlink escaping the roots is an error."""
+    candidate = directory / name
+    if not candidate.exists() and not candidate.is_symlink():
+        return None
+    resolved = Path(os.path.realpath(candidate))
+    _check_inside(resolved, roots, adapter=adapter, shown=f"file {name!r}")
+    if not resolved.is_file():
+        raise AdapterNotFoundError(adapter, f"{name!r} is not a regular file (dangling link?)")
+    return resolved

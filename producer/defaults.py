@@ -1,0 +1,55 @@
+"""Every default, name and key layout the producer and the worker must agree on."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+TASK_NAME = "omni.generate"
+QUEUE = "omni"
+
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+DEFAULT_DATASET = "default"
+DEFAULT_PRIORITY = 5
+MAX_PRIORITY = 9
+
+# Environment variables (CONTRACT section 6). Flags win over these.
+ENV_BROKER_URL = "OMNI_BROKER_URL"
+ENV_RESULT_BACKEND = "OMNI_RESULT_BACKEND"
+ENV_OUTPUT_URI = "OMNI_OUTPUT_URI"
+ENV_S3_ENDPOINT_URL = "OMNI_S3_ENDPOINT_URL"
+ENV_MODEL = "OMNI_MODEL"
+ENV_ADAPTER_ROOTS = "OMNI_ADAPTER_ROOTS"
+ENV_MAX_LORAS = "OMNI_MAX_LORAS"
+ENV_MAX_CPU_LORAS = "OMNI_MAX_CPU_LORAS"
+ENV_VISIBILITY_TIMEOUT = "OMNI_VISIBILITY_TIMEOUT"
+ENV_WINDOW = "OMNI_WINDOW"
+
+# Redis transport: ten priority lists per queue (kombu's default is four buckets), served
+# strictly highest first. kombu's Redis order is the reverse of a job's: broker 0 is the most
+# urgent, so a job's priority p (9 = most urgent) travels as MAX_PRIORITY - p. The worker must
+# use these very options, or it would read the lists in another order.
+BROKER_PRIORITY_STEPS = tuple(range(MAX_PRIORITY + 1))
+# Read-only: kombu mutates the transport options it is given, so users take a copy
+# (producer.client.celery_config does).
+BROKER_TRANSPORT_OPTIONS = MappingProxyType(
+    {
+        "priority_steps": list(BROKER_PRIORITY_STEPS),
+        "queue_order_strategy": "priority",
+        # An unreachable host fails in seconds, not after the OS's minutes-long connect timeout.
+        "socket_connect_timeout": 5,
+    }
+)
+SUBMITTED_AT_HEADER = "omni_submitted_at"
+
+# Limits of a job (CONTRACT section 3).
+MAX_NAME_LENGTH = 128
+MAX_PROMPT_LENGTH = 2000
+MAX_ADAPTER_LENGTH = 256
+MAX_ABS_SCALE = 8.0
+MAX_SEED = 2**63 - 1
+MAX_STEPS = 200
+MAX_GUIDANCE_SCALE = 50.0
+SIZE_MULTIPLE = 8
+MAX_SIZE = 4096
+MAX_METADATA_BYTES = 16 * 1024
+JOB_ID_HEX_CHARS = 32

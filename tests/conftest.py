@@ -1,0 +1,7 @@
+"""Shared fixtures live in tests/fixtures/, one module per real service or artefact."""
+
+pytest_plugins = [
+    "fixtures.redis_server",
+    "fixtures.s3_server",
+    "fixtures.engine",
+]
