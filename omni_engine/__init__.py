@@ -15,7 +15,7 @@ _EXPORTS = {
     "LoRARequest": "omni_engine.lora.request",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["LoRARequest", "Omni", "OmniRequestOutput"]
 
 if TYPE_CHECKING:
     from omni_engine.engine import Omni

@@ -1,4 +1,4 @@
-"""Where an adapter may be read from: every path is resolved (`..`, symlinks) and checked against the roots."""
+"""Where an adapter may be read from: every path is resolved (`..`, symlinks) and checked against roots."""
 
 from __future__ import annotations
 
