@@ -36,6 +36,16 @@ class LoadedModel:
     size_multiple: int
 
 
+def quiet_library_output() -> None:
+    """For command-line entry points: no per-component progress bars or library chatter."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
 def resolve_device(device: str | torch.device | None, dtype: torch.dtype | str | None):
     """cuda + bfloat16 when a GPU is there, else cpu + float32 (CONTRACT section 2)."""
     if device is None:
