@@ -304,7 +304,10 @@ class LoRAManager:
 
     def _unload(self, name: str) -> None:
         if name in getattr(self._model, "peft_config", {}):
-            self._model.delete_adapters(name)
+            with warnings.catch_warnings():
+                # PEFT warns when the active adapter goes; `_apply` sets the next one explicitly.
+                warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+                self._model.delete_adapters(name)
         if not getattr(self._model, "peft_config", None):
             # No adapter left: remove the wrapper layers too, so the base model runs untouched.
             self._model.unload_lora()
