@@ -1,0 +1,155 @@
+"""Enqueue jobs as Celery tasks, by name, without importing the worker or torch.
+
+`celery_config` is the one place the broker settings live: the worker builds its app from the
+same dict, so both sides agree on serialisation, queue and the order of the priority lists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import kombu.exceptions
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from producer import defaults as d
+from producer.errors import BrokerUnavailableError
+from producer.schema import Job
+
+# Messages buffered per Redis round trip; progress is reported after each.
+PUBLISH_CHUNK = 500
+# kombu >= 5.7 raises this when a pipelined batch fails (some of it may have been delivered).
+_BatchPublishError = getattr(kombu.exceptions, "BatchPublishError", OperationalError)
+# Reaching the broker before sending anything: one try and two quick retries (0.1 s, 0.3 s).
+CONNECT_RETRIES = 2
+
+_URL_PASSWORD_RE = re.compile(r"(://[^:/@;]*:)[^@/;]*@")
+_QUERY_PASSWORD_RE = re.compile(r"([?&;]password=)[^&;]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password masked, fit for messages and logs."""
+    return _QUERY_PASSWORD_RE.sub(r"\1***", _URL_PASSWORD_RE.sub(r"\1***@", url))
+
+
+def broker_priority(job_priority: int) -> int:
+    """A job's priority (9 = most urgent) in kombu Redis order (0 = most urgent)."""
+    return d.MAX_PRIORITY - job_priority
+
+
+def celery_config(broker_url: str, result_backend: str | None = None) -> dict[str, Any]:
+    """Celery settings both the producer and the worker use: JSON only, ten priority lists."""
+    transport_options = dict(d.BROKER_TRANSPORT_OPTIONS)
+    transport_options["priority_steps"] = list(d.BROKER_PRIORITY_STEPS)  # a fresh copy per app
+    return {
+        "broker_url": broker_url,
+        "result_backend": result_backend,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_default_queue": d.QUEUE,
+        "broker_transport_options": transport_options,
+    }
+
+
+def _publish_batch(producer: Any) -> contextlib.AbstractContextManager[Any]:
+    # kombu >= 5.7 pipelines the messages of a batch into one round trip; older kombu sends
+    # each at once, which is slower but the same.
+    batch = getattr(producer, "batch", None)
+    return batch(max_size=PUBLISH_CHUNK * 2) if batch is not None else contextlib.nullcontext()
+
+
+class Client:
+    """Sends jobs to the `omni` queue. Fire and forget: results are read from storage, not Celery."""
+
+    def __init__(self, broker_url: str | None = None) -> None:
+        self.broker_url = broker_url or os.environ.get(d.ENV_BROKER_URL) or d.DEFAULT_BROKER_URL
+        self.safe_broker_url = redact_url(self.broker_url)
+        self.app = Celery("omni-producer", set_as_current=False)
+        self.app.conf.update(celery_config(self.broker_url))
+        with self.app.connection_for_write() as connection:  # builds the transport, connects nothing
+            # The transport's own connection errors (redis-py's for Redis) escape a publish as they are.
+            self._broker_errors = (OperationalError, _BatchPublishError, *connection.connection_errors)
+
+    def __repr__(self) -> str:
+        return f"Client({self.safe_broker_url!r})"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the pooled broker connections."""
+        self.app.close()
+
+    def submit(self, job: Job) -> str:
+        """Enqueue one job; returns its job_id (also the Celery task id)."""
+        return self.submit_many([job])[0]
+
+    def submit_many(self, jobs: Iterable[Job], *, progress: Callable[[int], None] | None = None) -> list[str]:
+        """Enqueue jobs over one connection, in pipelined chunks; returns their job_ids in order.
+
+        `progress(n)` is called after each chunk reaches the broker. Raises BrokerUnavailableError,
+        saying how many jobs were sent, if the broker cannot be reached or drops mid-way.
+        """
+        jobs = list(jobs)
+        chunks = self._publish(jobs)
+        sent, connected = 0, False
+        while True:
+            # Only the broker's own errors become BrokerUnavailableError, not the callback's.
+            try:
+                taken = next(chunks, None)
+            except self._broker_errors as e:
+                in_flight = min(PUBLISH_CHUNK, len(jobs) - sent) if connected else 0
+                reasons = dict.fromkeys(str(x) or type(x).__name__ for x in (e, e.__cause__) if x is not None)
+                reason = "; ".join(reasons).replace(self.broker_url, self.safe_broker_url)
+                raise BrokerUnavailableError(
+                    self.safe_broker_url, reason, sent=sent, uncertain=in_flight, total=len(jobs)
+                ) from e
+            if taken is None:
+                return [job.job_id for job in jobs]
+            connected = True
+            sent += taken
+            if taken and progress is not None:
+                progress(taken)
+
+    def _publish(self, jobs: list[Job]) -> Iterator[int]:
+        """Yields 0 once connected, then the size of each chunk as the broker takes it."""
+        with self.app.producer_or_acquire() as producer:
+            # Fail before the first message rather than part-way through the batch.
+            producer.connection.ensure_connection(
+                max_retries=CONNECT_RETRIES, interval_start=0.1, interval_step=0.2
+            )
+            # Declared once here, not re-checked per message (`declare=[]` in _send).
+            producer.maybe_declare(self.app.amqp.queues[d.QUEUE])
+            yield 0
+            for start in range(0, len(jobs), PUBLISH_CHUNK):
+                chunk = jobs[start : start + PUBLISH_CHUNK]
+                with _publish_batch(producer):
+                    for job in chunk:
+                        self._send(producer, job)
+                yield len(chunk)
+
+    def _send(self, producer: Any, job: Job) -> None:
+        self.app.send_task(
+            d.TASK_NAME,
+            args=[job.wire_dict()],
+            task_id=job.job_id,
+            queue=d.QUEUE,
+            priority=broker_priority(job.priority),
+            headers={d.SUBMITTED_AT_HEADER: time.time()},
+            # Celery would repr the whole job for logs and monitors, half the cost of a send.
+            argsrepr=f"[<job {job.job_id} dataset={job.dataset} adapter={job.adapter}>]",
+            kwargsrepr="{}",
+            declare=[],
+            ignore_result=True,
+            producer=producer,
+        )

@@ -1,0 +1,63 @@
+"""The producer's exceptions: one base, so callers can catch everything the producer raises."""
+
+from __future__ import annotations
+
+
+class ProducerError(Exception):
+    """Base of every error the producer raises on purpose."""
+
+
+class JobValidationError(ProducerError, ValueError):
+    """A job breaks the schema. `problems` lists every violation, each naming field, value, reason."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class BrokerUnavailableError(ProducerError):
+    """The broker could not be reached. The message names the URL with any password masked.
+
+    `sent` jobs surely reached the broker and `uncertain` more may have (a pipelined chunk that
+    failed part-way) out of `total`.
+    """
+
+    def __init__(
+        self, safe_url: str, reason: str, *, sent: int = 0, uncertain: int = 0, total: int = 0
+    ) -> None:
+        self.safe_url = safe_url
+        self.reason = reason
+        self.sent = sent
+        self.uncertain = uncertain
+        self.total = total
+        message = f"broker {safe_url} is unavailable: {reason}"
+        if sent or uncertain:
+            message += f" ({sent} of {total} jobs were sent"
+            if uncertain:
+                message += f", and up to {uncertain} more may have been"
+            message += "; submitting them again is safe: a job's id is its idempotency key)"
+        elif total:
+            message += " (nothing was sent)"
+        super().__init__(message)
+
+
+class StorageError(ProducerError):
+    """Reading or writing outputs failed for good (no such bucket, access denied, bad key): do not retry.
+
+    Messages name the storage URI, the key and the reason, and never a credential.
+    """
+
+
+class StorageUnavailableError(StorageError):
+    """The storage could not be reached or asked to back off (connection, timeout, 5xx, throttling).
+
+    The only storage error worth retrying later.
+    """
+
+
+class InvalidStorageKeyError(StorageError, ValueError):
+    """A key (or output name) that is not a plain relative path inside the storage root."""
+
+
+class InvalidStorageURIError(StorageError, ValueError):
+    """An output URI or S3 endpoint that cannot be used (unknown scheme, credentials in it, no bucket)."""

@@ -1,0 +1,212 @@
+"""The job: one image to generate (CONTRACT section 3).
+
+The producer and the worker validate with the same `Job.model_validate`, so a job sent by any
+Celery client, with optional fields missing, gets the same defaults, the same derived `job_id`
+and `seed`, and the same checks as one built here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from producer import defaults as d
+from producer.errors import JobValidationError
+
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
+_ADAPTER_RE = re.compile(r"[A-Za-z0-9._/-]+")
+_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IPV4_RE = re.compile(r"\d+\.\d+\.\d+\.\d+")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_USERINFO_RE = re.compile(r"://[^/@?#]*@")
+
+# Fields that do not change the image or where it is stored, so they stay out of the derived id.
+_NOT_IN_IDENTITY = frozenset({"job_id", "priority"})
+_VALUE_REPR_CHARS = 60
+
+
+def _utf8(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode ({e.reason})") from None
+    return value
+
+
+def _name(value: str) -> str:
+    if not _NAME_RE.fullmatch(value):
+        raise ValueError("only letters, digits, '.', '_' and '-' are allowed")
+    if value in {".", ".."}:
+        raise ValueError("'.' and '..' are not allowed (the name becomes a path component)")
+    return value
+
+
+def _adapter(value: str) -> str:
+    if not _ADAPTER_RE.fullmatch(value):
+        raise ValueError("only letters, digits, '.', '_', '-' and '/' are allowed")
+    if value.startswith("/"):
+        raise ValueError("must be relative to the worker's adapter roots (no leading '/')")
+    segments = value.split("/")
+    if "" in segments:
+        raise ValueError("empty path segment ('//' or a trailing '/')")
+    if ".." in segments:
+        raise ValueError("a '..' segment is not allowed")
+    return value
+
+
+def _s3_uri(value: str) -> None:
+    rest = value[len("s3://") :]
+    bucket, _, _prefix = rest.partition("/")
+    if "@" in bucket:
+        raise ValueError("credentials do not belong in a job; give them the way boto3 reads them")
+    if "?" in value or "#" in value:
+        raise ValueError("an S3 URI takes no query or fragment")
+    if (
+        not _BUCKET_RE.fullmatch(bucket)
+        or ".." in bucket
+        or _IPV4_RE.fullmatch(bucket)
+        or bucket.startswith(("xn--", "sthree-"))
+        or bucket.endswith(("-s3alias", "--ol-s3"))
+    ):
+        raise ValueError(
+            f"bucket {bucket!r} is not a valid S3 bucket name (3..63 of a-z 0-9 . -, "
+            "starting and ending with a letter or digit)"
+        )
+
+
+def _output(value: str) -> str:
+    if _CONTROL_RE.search(value):
+        raise ValueError("control characters are not allowed")
+    scheme = _SCHEME_RE.match(value)
+    if scheme is None:
+        if value.lower().startswith("s3:"):
+            raise ValueError("looks like a malformed S3 URI: use s3://bucket/prefix")
+        return value  # a local directory on the worker
+    if scheme.group(1) == "s3":
+        _s3_uri(value)
+    elif scheme.group(1) == "file":  # the same rule as producer.storage
+        split = urlsplit(value)
+        if split.netloc not in ("", "localhost") or split.query or split.fragment or not split.path:
+            raise ValueError("not a local file URI: use file:///abs/dir")
+    else:
+        raise ValueError(
+            f"unsupported scheme {scheme.group(1)!r}: use s3://bucket/prefix or a local directory"
+        )
+    return value
+
+
+def _metadata(value: dict[str, Any]) -> dict[str, Any]:
+    try:
+        encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ValueError(f"must be plain JSON with finite numbers ({e})") from None
+    if len(encoded) > d.MAX_METADATA_BYTES:
+        raise ValueError(f"{len(encoded)} bytes as JSON; the limit is {d.MAX_METADATA_BYTES}")
+    # Round-trip so the model holds exactly what travels on the wire (tuples become lists, ...).
+    return json.loads(encoded)
+
+
+Name = Annotated[str, Field(min_length=1, max_length=d.MAX_NAME_LENGTH), AfterValidator(_name)]
+AdapterName = Annotated[str, Field(min_length=1, max_length=d.MAX_ADAPTER_LENGTH), AfterValidator(_adapter)]
+Size = Annotated[int, Field(ge=d.SIZE_MULTIPLE, le=d.MAX_SIZE, multiple_of=d.SIZE_MULTIPLE)]
+
+
+class Job(BaseModel):
+    """One image to generate. Validated strictly: no coercion, no bools as numbers, no NaN."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+    job_id: Name | None = None
+    dataset: Name = d.DEFAULT_DATASET
+    prompt: Annotated[str, Field(min_length=1, max_length=d.MAX_PROMPT_LENGTH), AfterValidator(_utf8)]
+    negative_prompt: Annotated[str, AfterValidator(_utf8)] | None = None
+    adapter: AdapterName | None = None
+    scale: Annotated[float, Field(ge=-d.MAX_ABS_SCALE, le=d.MAX_ABS_SCALE)] = 1.0
+    seed: Annotated[int, Field(ge=0, le=d.MAX_SEED)] | None = None
+    steps: Annotated[int, Field(ge=1, le=d.MAX_STEPS)] | None = None
+    guidance_scale: Annotated[float, Field(ge=0, le=d.MAX_GUIDANCE_SCALE)] | None = None
+    width: Size | None = None
+    height: Size | None = None
+    priority: Annotated[int, Field(ge=0, le=d.MAX_PRIORITY)] = d.DEFAULT_PRIORITY
+    output: Annotated[str, Field(min_length=1), AfterValidator(_utf8), AfterValidator(_output)] | None = None
+    metadata: Annotated[dict[str, Any], AfterValidator(_metadata)] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _derive_id_and_seed(self) -> Job:
+        # The model is frozen so a job's id can never go stale; the derived values are filled in
+        # once, here, before anyone sees the object.
+        if self.job_id is None:
+            identity = self.model_dump(mode="json", exclude=set(_NOT_IN_IDENTITY))
+            object.__setattr__(self, "job_id", derive_job_id(identity))
+        if self.seed is None:
+            object.__setattr__(self, "seed", derive_seed(self.job_id))
+        return self
+
+    def wire_dict(self) -> dict[str, Any]:
+        """The JSON-safe dict sent as the task's only argument: every field, derived ones filled in."""
+        return self.model_dump(mode="json")
+
+
+def canonical_json(fields: Mapping[str, Any]) -> bytes:
+    """Sorted-key, compact, UTF-8 JSON: the byte form that the derived job_id hashes."""
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def derive_job_id(identity: Mapping[str, Any]) -> str:
+    """First 32 hex chars of sha256 over the canonical job (every field but job_id and priority)."""
+    return hashlib.sha256(canonical_json(identity)).hexdigest()[: d.JOB_ID_HEX_CHARS]
+
+
+def derive_seed(job_id: str) -> int:
+    """A seed fixed by the job_id, so a job re-run anywhere draws the same image."""
+    return int(hashlib.sha256(job_id.encode()).hexdigest()[:16], 16) & d.MAX_SEED
+
+
+def _short(value: Any) -> str:
+    text = _USERINFO_RE.sub("://***@", repr(value))
+    return text if len(text) <= _VALUE_REPR_CHARS else text[: _VALUE_REPR_CHARS - 3] + "..."
+
+
+def describe_error(error: Mapping[str, Any]) -> str:
+    """One pydantic error as `field = value: reason` (or a missing / unknown field)."""
+    field = ".".join(str(part) for part in error["loc"]) or "job"
+    kind = error["type"]
+    if kind == "missing":
+        return f"{field}: required field is missing"
+    if kind == "extra_forbidden":
+        allowed = ", ".join(Job.model_fields)
+        return f"{field}: unknown field (value {_short(error['input'])}); the fields are: {allowed}"
+    if kind == "model_type":
+        return f"a job must be a JSON object, not {type(error['input']).__name__}"
+    reason = str(error["ctx"]["error"]) if kind == "value_error" else error["msg"]
+    return f"{field} = {_short(error['input'])}: {reason}"
+
+
+def validate_job(data: Any) -> Job:
+    """`Job.model_validate`, with every violation reported in one `JobValidationError`."""
+    try:
+        return Job.model_validate(data)
+    except ValidationError as e:
+        raise JobValidationError([describe_error(err) for err in e.errors(include_url=False)]) from e
+
+
+def parse_job_line(line: str | bytes, *, defaults: Mapping[str, Any] | None = None) -> Job:
+    """Parse one JSONL line; `defaults` fill fields the line lacks. Raises only JobValidationError."""
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise JobValidationError([f"not valid JSON: {e.msg} at column {e.colno}"]) from e
+    except (ValueError, RecursionError) as e:  # bad UTF-8, an int too long, nesting too deep
+        raise JobValidationError([f"not valid JSON: {e}"]) from e
+    if not isinstance(data, dict):
+        raise JobValidationError([f"a job must be a JSON object, not {type(data).__name__}"])
+    if defaults:
+        data = {**defaults, **data}
+    return validate_job(data)
