@@ -1,0 +1,248 @@
+"""The scheduler's choices: cheapest adapter first, bounded waits, homogeneous groups, every job once."""
+
+import math
+from collections.abc import Callable, Collection, Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worker.scheduler import Pending, SchedulerPolicy, next_fifo, next_group
+
+SQUARE = (32, 32, 2, 5.0, 1.0)
+WIDE = (64, 32, 2, 5.0, 1.0)
+POLICY = SchedulerPolicy(max_batch=8, max_wait_s=300.0)
+
+
+def job(
+    job_id: str, adapter: str | None, *, arrived: float = 0.0, priority: int = 5, key: tuple = SQUARE
+) -> Pending:
+    return Pending(job_id=job_id, adapter=adapter, batch_key=key, arrived=arrived, priority=priority)
+
+
+def pick(
+    pending: Sequence[Pending],
+    *,
+    resident: Collection[str] = (),
+    host: Collection[str] = (),
+    now: float = 0.0,
+    policy: SchedulerPolicy = POLICY,
+) -> list[str]:
+    return [p.job_id for p in next_group(pending, resident=resident, host=host, now=now, policy=policy)]
+
+
+def test_resident_beats_host_beats_cold() -> None:
+    pending = [
+        *(job(f"c{i}", "cold", arrived=0.0) for i in range(5)),
+        *(job(f"h{i}", "warm", arrived=1.0) for i in range(3)),
+        job("r0", "hot", arrived=2.0),
+    ]
+    tiers = {"resident": {"hot"}, "host": {"hot", "warm"}}  # the engine's host tier counts resident ones
+
+    assert pick(pending, **tiers) == ["r0"]
+    pending = [p for p in pending if p.adapter != "hot"]
+    assert pick(pending, **tiers) == ["h0", "h1", "h2"]
+    pending = [p for p in pending if p.adapter != "warm"]
+    assert pick(pending, **tiers) == ["c0", "c1", "c2", "c3", "c4"]
+
+
+def test_among_cold_adapters_the_larger_group_goes_first() -> None:
+    pending = [job("a0", "a", arrived=0.0), job("a1", "a", arrived=1.0)]
+    pending += [job(f"b{i}", "b", arrived=10.0 + i) for i in range(3)]
+
+    assert pick(pending, now=20.0) == ["b0", "b1", "b2"]
+
+
+def test_equal_groups_go_by_their_most_urgent_job() -> None:
+    pending = [job("b0", "b", arrived=5.0), job("a0", "a", arrived=9.0), job("a1", "a", arrived=1.0)]
+    pending += [job("c0", "c", arrived=0.0, priority=9)]
+    # a and b tie on tier; a has more jobs. Without a, the urgent c0 beats the older b0.
+    assert pick(pending, now=10.0) == ["a1", "a0"]
+    assert pick([p for p in pending if p.adapter != "a"], now=10.0) == ["c0"]
+
+
+def test_groups_are_capped_and_split_by_batch_key() -> None:
+    pending = [job(f"s{i}", "a", arrived=float(i), key=SQUARE) for i in range(10)]
+    pending += [job(f"w{i}", "a", arrived=100.0 + i, key=WIDE) for i in range(3)]
+    policy = SchedulerPolicy(max_batch=4)
+
+    assert pick(pending, resident={"a"}, now=200.0, policy=policy) == ["s0", "s1", "s2", "s3"]
+    pending = [p for p in pending if p.batch_key == WIDE]
+    assert pick(pending, resident={"a"}, now=200.0, policy=policy) == ["w0", "w1", "w2"]
+
+
+def test_within_an_adapter_the_group_of_its_most_urgent_job_goes_first() -> None:
+    pending = [job(f"s{i}", "a", arrived=10.0 + i, key=SQUARE) for i in range(3)]
+    pending += [job("w0", "a", arrived=0.0, key=WIDE)]
+    assert pick(pending, now=20.0) == ["w0"]
+
+    pending += [job("s9", "a", arrived=19.0, priority=9, key=SQUARE)]  # deadline 79 s beats w0's 300 s
+    assert pick(pending, now=20.0) == ["s9", "s0", "s1", "s2"]
+
+
+def test_base_model_jobs_count_as_resident() -> None:
+    pending = [job("base", None, arrived=5.0)] + [job(f"c{i}", "cold", arrived=float(i)) for i in range(5)]
+    assert pick(pending, now=10.0) == ["base"]
+    assert pick(pending, host={"cold"}, now=10.0) == ["base"]
+
+
+def test_an_overdue_job_goes_next_even_if_cold() -> None:
+    pending = [job("old", "cold", arrived=0.0)] + [job(f"r{i}", "hot", arrived=100.0 + i) for i in range(6)]
+
+    assert pick(pending, resident={"hot"}, now=300.0)[0] == "r0"  # at its deadline, not past it
+    assert pick(pending, resident={"hot"}, now=300.5) == ["old"]
+
+
+def test_overdue_jobs_go_earliest_deadline_first() -> None:
+    pending = [job("p5", "a", arrived=0.0), job("p9", "b", arrived=200.0, priority=9)]
+    # Deadlines: p5 at 300 s, p9 at 260 s; both overdue at 400 s.
+    assert pick(pending, resident={"a"}, now=400.0) == ["p9"]
+
+
+def test_higher_priority_jobs_become_overdue_sooner() -> None:
+    deadlines = {p: POLICY.deadline(job("x", "a", arrived=10.0, priority=p)) for p in (0, 5, 9)}
+    assert deadlines == {0: 610.0, 5: 310.0, 9: 70.0}
+
+    pending = [job("urgent", "cold", arrived=0.0, priority=9), job("r0", "hot", arrived=0.0)]
+    assert pick(pending, resident={"hot"}, now=59.0) == ["r0"]
+    assert pick(pending, resident={"hot"}, now=61.0) == ["urgent"]
+
+
+def test_max_wait_can_be_switched_off() -> None:
+    pending = [job("old", "cold", arrived=0.0), job("r0", "hot", arrived=0.0)]
+    policy = SchedulerPolicy(max_wait_s=math.inf)
+    assert pick(pending, resident={"hot"}, now=1e9, policy=policy) == ["r0"]
+
+
+def test_empty_window_gives_an_empty_group() -> None:
+    assert pick([]) == []
+    assert next_fifo([]) == []
+
+
+def test_fifo_runs_the_earliest_arrival_alone() -> None:
+    pending = [job("b", "x", arrived=1.0), job("a", "y", arrived=1.0), job("c", "x", arrived=0.5)]
+    assert [p.job_id for p in next_fifo(pending)] == ["c"]
+    assert [p.job_id for p in next_fifo(pending[:2])] == ["a"]
+
+
+@pytest.mark.parametrize("priority", [-1, 10])
+def test_priority_out_of_range_is_rejected(priority: int) -> None:
+    with pytest.raises(ValueError, match=rf"'j1'.*priority must be 0\.\.9.*got {priority}"):
+        job("j1", "a", priority=priority)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_batch": 0}, "max_batch must be >= 1, got 0"),
+        ({"max_wait_s": 0.0}, "max_wait_s must be > 0"),
+        ({"max_wait_s": math.nan}, "max_wait_s must be > 0"),
+    ],
+)
+def test_bad_policy_is_rejected(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SchedulerPolicy(**kwargs)
+
+
+def test_payload_rides_along_without_affecting_equality() -> None:
+    a = Pending(job_id="j", adapter="a", batch_key=SQUARE, arrived=0.0, payload={"message": 1})
+    b = Pending(job_id="j", adapter="a", batch_key=SQUARE, arrived=0.0, payload={"message": 2})
+    assert a == b
+    assert next_group([a], resident=(), host=(), now=0.0, policy=POLICY)[0].payload == {"message": 1}
+
+
+def count_loads(pending: list[Pending], choose: Callable[[list[Pending], str | None], list[Pending]]) -> int:
+    """Drain `pending` through an engine that holds one adapter; count the loads."""
+    loaded: str | None = None
+    loads = 0
+    while pending:
+        group = choose(pending, loaded)
+        if group[0].adapter != loaded:
+            loaded = group[0].adapter
+            loads += 1
+        chosen = {p.job_id for p in group}
+        pending = [p for p in pending if p.job_id not in chosen]
+    return loads
+
+
+def test_grouping_needs_one_load_per_adapter_where_fifo_needs_one_per_job() -> None:
+    pending = [job(f"j{i:02d}", f"lora-{i % 6}", arrived=float(i)) for i in range(60)]
+
+    def grouped(window: list[Pending], loaded: str | None) -> list[Pending]:
+        held = {loaded} if loaded else set()
+        return next_group(window, resident=held, host=held, now=60.0, policy=POLICY)
+
+    assert count_loads(pending, grouped) == 6
+    assert count_loads(pending, lambda window, loaded: next_fifo(window)) == 60
+
+
+ADAPTERS = st.sampled_from([None, "a", "b", "c", "d"])
+
+
+@st.composite
+def windows(draw: st.DrawFn) -> list[Pending]:
+    size = draw(st.integers(0, 40))
+    return [
+        Pending(
+            job_id=f"j{i}",
+            adapter=draw(ADAPTERS),
+            batch_key=draw(st.sampled_from([SQUARE, WIDE])),
+            arrived=draw(st.floats(0.0, 1000.0)),
+            priority=draw(st.integers(0, 9)),
+        )
+        for i in range(size)
+    ]
+
+
+POLICIES = st.builds(
+    SchedulerPolicy, max_batch=st.integers(1, 6), max_wait_s=st.sampled_from([1.0, 200.0, math.inf])
+)
+NAMES = st.sets(st.sampled_from(["a", "b", "c", "d"]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(window=windows(), resident=NAMES, host=NAMES, policy=POLICIES, now=st.floats(0.0, 2000.0))
+def test_draining_a_window_returns_every_job_once_in_homogeneous_groups(
+    window: list[Pending], resident: set[str], host: set[str], policy: SchedulerPolicy, now: float
+) -> None:
+    left, seen = list(window), []
+    for _ in range(len(window)):  # each call removes at least one job, so this many calls suffice
+        if not left:
+            break
+        group = next_group(left, resident=resident, host=host, now=now, policy=policy)
+        assert 1 <= len(group) <= policy.max_batch
+        assert len({(p.adapter, p.batch_key) for p in group}) == 1
+        ids = [p.job_id for p in group]
+        assert len(set(ids)) == len(ids)
+        assert set(ids) <= {p.job_id for p in left}
+        seen += ids
+        left = [p for p in left if p.job_id not in set(ids)]
+        now += 10.0
+    assert left == []
+    assert sorted(seen) == sorted(p.job_id for p in window)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), window=windows(), resident=NAMES, host=NAMES, policy=POLICIES, now=st.floats(0, 2000))
+def test_the_answer_does_not_depend_on_window_order(
+    data: st.DataObject,
+    window: list[Pending],
+    resident: set[str],
+    host: set[str],
+    policy: SchedulerPolicy,
+    now: float,
+) -> None:
+    shuffled = data.draw(st.permutations(window))
+    kwargs = {"resident": resident, "host": host, "now": now, "policy": policy}
+    assert next_group(shuffled, **kwargs) == next_group(window, **kwargs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(window=windows(), resident=NAMES, host=NAMES, policy=POLICIES, now=st.floats(0, 2000))
+def test_the_earliest_overdue_job_always_runs_next(
+    window: list[Pending], resident: set[str], host: set[str], policy: SchedulerPolicy, now: float
+) -> None:
+    overdue = [policy.deadline(p) for p in window if now > policy.deadline(p)]
+    group = next_group(window, resident=resident, host=host, now=now, policy=policy)
+    if overdue:
+        assert policy.deadline(group[0]) == min(overdue)

@@ -1,0 +1,137 @@
+"""Choose which jobs of the worker's window run next, so that each adapter is loaded as few times as possible.
+
+Loading a LoRA into a large model costs seconds; switching between adapters already in the model costs
+well under a millisecond (DESIGN.md, "Why grouping pays"). So the scheduler runs jobs whose adapter is
+resident first, then those whose adapter is in host memory, then cold ones, and among cold adapters the
+one with the most jobs waiting, which a single load then serves. Jobs with one adapter and one batch key
+share a pipeline call. A deadline per job (shorter for higher priority) bounds how long any job is
+passed over.
+
+The module is pure (no I/O, no clock, no torch): the Celery worker, the embedded runner and the
+benchmarks pass the time in and share one policy.
+"""
+
+from collections.abc import Collection, Hashable, Sequence
+from dataclasses import dataclass, field
+from math import isnan
+
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_WAIT_S = 300.0
+DEFAULT_PRIORITY = 5
+MAX_PRIORITY = 9
+
+# Adapter tiers, cheapest first.
+_RESIDENT, _HOST, _COLD = 0, 1, 2
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Pending:
+    """A job in the window, reduced to what scheduling needs; the worker's own message rides in `payload`.
+
+    `adapter` is None for the base model, which never needs a load. Jobs with the same adapter and equal
+    `batch_key` (e.g. width, height, steps, guidance, scale) may share one pipeline call. `arrived` is
+    when the worker took the job into its window, on the caller's monotonic clock: time spent in the
+    broker before that is the broker's order, which grouping does not change. `job_id` is unique within
+    a window (the worker drops redelivered duplicates).
+    """
+
+    job_id: str
+    adapter: str | None
+    batch_key: tuple[Hashable, ...]
+    arrived: float
+    priority: int = DEFAULT_PRIORITY
+    payload: object = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.priority <= MAX_PRIORITY:
+            raise ValueError(
+                f"Pending {self.job_id!r}: priority must be 0..{MAX_PRIORITY} ({MAX_PRIORITY} most urgent), "
+                f"got {self.priority!r}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SchedulerPolicy:
+    """How large a group may be and how long a job may wait before it goes next whatever the cost.
+
+    `max_wait_s` is the allowed wait at the default priority 5; see `deadline` for other priorities.
+    `math.inf` turns the max-wait rule off. Size it with the window: a job spends about
+    window / throughput seconds in a full window, and a max wait much shorter than that marks most jobs
+    overdue, which runs them in deadline order and gives up most of the grouping (`bench/scheduler.py
+    --max-wait` shows the trade).
+    """
+
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_wait_s: float = DEFAULT_MAX_WAIT_S
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"SchedulerPolicy: max_batch must be >= 1, got {self.max_batch!r}")
+        if isnan(self.max_wait_s) or self.max_wait_s <= 0:
+            raise ValueError(
+                f"SchedulerPolicy: max_wait_s must be > 0 (math.inf for no limit), got {self.max_wait_s!r}"
+            )
+
+    def deadline(self, job: Pending) -> float:
+        """When `job` becomes overdue: `max_wait_s * (10 - priority) / 5` after it arrived.
+
+        So the default priority 5 waits `max_wait_s`, priority 9 a fifth of it, priority 0 twice it.
+        """
+        return job.arrived + self.max_wait_s * (10 - job.priority) / 5
+
+
+def next_group(
+    pending: Sequence[Pending],
+    *,
+    resident: Collection[str],
+    host: Collection[str],
+    now: float,
+    policy: SchedulerPolicy,
+) -> list[Pending]:
+    """The jobs to run next: one adapter, one batch key, at most `policy.max_batch`, most urgent first.
+
+    `resident` names the adapters in the model, `host` those in host memory (it may include the resident
+    ones); any other adapter is cold. Urgency orders jobs by deadline, then higher priority, then earlier
+    arrival, then job id, so the answer does not depend on the order of `pending`. Empty window, empty
+    group. O(n log n) in the window's size.
+    """
+    if not pending:
+        return []
+
+    def urgency(job: Pending) -> tuple[float, int, float, str]:
+        return (policy.deadline(job), -job.priority, job.arrived, job.job_id)
+
+    # 1. An overdue job goes next, earliest deadline first, whatever its adapter costs: this bounds waits.
+    anchor = min(pending, key=urgency)
+    if now <= policy.deadline(anchor):
+        # 2. Otherwise the cheapest adapter; among equals, the one with the most jobs waiting (one load
+        #    serves them all, and a busy adapter stays resident), then the one with the most urgent job.
+        by_adapter: dict[str | None, list[Pending]] = {}
+        for job in pending:
+            by_adapter.setdefault(job.adapter, []).append(job)
+
+        def cost(adapter: str | None, jobs: list[Pending]) -> tuple[int, int]:
+            if adapter is None or adapter in resident:
+                tier = _RESIDENT
+            elif adapter in host:
+                tier = _HOST
+            else:
+                tier = _COLD
+            return tier, -len(jobs)
+
+        costs = {adapter: cost(adapter, jobs) for adapter, jobs in by_adapter.items()}
+        cheapest = min(costs.values())
+        anchor = min(
+            (min(jobs, key=urgency) for adapter, jobs in by_adapter.items() if costs[adapter] == cheapest),
+            key=urgency,
+        )
+
+    # 3. The anchor's batch-key group within its adapter, most urgent first, up to the batch size.
+    group = [job for job in pending if job.adapter == anchor.adapter and job.batch_key == anchor.batch_key]
+    group.sort(key=urgency)
+    return group[: policy.max_batch]
+
+
+def next_fifo(pending: Sequence[Pending]) -> list[Pending]:
+    """The baseline a worker without grouping follows: the earliest arrival alone (ties by job id)."""
+    return [min(pending, key=lambda job: (job.arrived, job.job_id))] if pending else []
