@@ -1,0 +1,105 @@
+"""The embedded runner and the demo: real tiny model, real adapters, real storage (local and S3)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from omni_engine import Omni
+from omni_engine.lora.request import LoRARequest
+from producer import outputs
+from producer.schema import validate_job
+from producer.storage import open_storage
+from worker.demo import DEMO_ADAPTERS, DEMO_DATASET, demo_jobs, run_demo
+from worker.embedded import run_jobs
+from worker.settings import WorkerSettings
+
+OMNI_BATCH = Path(sys.executable).parent / "omni-batch"
+
+
+def test_demo_writes_every_image_with_minimum_loads_and_reruns_as_a_no_op(tmp_path):
+    summary, fifo = run_demo(tmp_path)
+    jobs = demo_jobs()
+    assert (summary.images, summary.failed) == (len(jobs), 0)
+    assert summary.adapter_loads == summary.min_loads == len(DEMO_ADAPTERS)
+    assert fifo > 3 * summary.adapter_loads, (
+        "the demo's job order should defeat an LRU cache without grouping"
+    )
+    storage = open_storage(str(tmp_path / "images"))
+    for job in jobs:
+        record = json.loads(storage.get_bytes(outputs.sidecar_key(DEMO_DATASET, job.job_id)))
+        assert record["status"] == "ok" and record["job"] == job.wire_dict()
+        assert storage.get_bytes(outputs.image_key(DEMO_DATASET, job.job_id)).startswith(b"\x89PNG")
+        assert (record["adapter_sha256"] is None) == (job.adapter is None)
+
+    again, _ = run_demo(tmp_path)
+    assert (again.images, again.skipped, again.adapter_loads) == (0, len(jobs), 0)
+
+
+@pytest.mark.parametrize("output_uri", ["local", "s3"], indirect=True)
+def test_run_stores_the_engines_exact_bytes_and_records_a_bad_job(tmp_path, make_adapter, output_uri):
+    root = tmp_path / "adapters"
+    make_adapter("a")
+    make_adapter("b")
+    jobs = [
+        validate_job({"prompt": f"p{i}", "adapter": name, "dataset": "ds"})
+        for i, name in enumerate(["a", "b", None, "a", "b"])
+    ]
+    bad = validate_job({"prompt": "missing adapter", "adapter": "nope", "dataset": "ds"})
+    settings = WorkerSettings(adapter_roots=(str(root),), max_loras=1, max_cpu_loras=1, output_uri=output_uri)
+    engine = Omni("tiny-sd3", max_loras=1, max_cpu_loras=1, adapter_roots=[str(root)])
+
+    summary = run_jobs([*jobs[:2], bad, *jobs[2:]], engine=engine, settings=settings)
+
+    assert (summary.images, summary.failed) == (5, 1)
+    assert summary.adapter_loads == 2, "grouping: one load per adapter even with a one-adapter cache"
+    storage = open_storage(output_uri)
+    error = json.loads(storage.get_bytes(outputs.error_key("ds", bad.job_id)))
+    assert error["status"] == "failed" and error["error_type"] == "AdapterNotFoundError"
+    assert "nope" in error["error"]
+    assert not storage.exists(outputs.sidecar_key("ds", bad.job_id))
+
+    direct = Omni("tiny-sd3", adapter_roots=[str(root)])
+    for job in jobs:
+        request = LoRARequest(job.adapter, 1, str(root / job.adapter)) if job.adapter else None
+        image = direct.generate(job.prompt, lora_request=request, seed=job.seed)[0].images[0]
+        stored = storage.get_bytes(outputs.image_key("ds", job.job_id))
+        ours = Image.open(BytesIO(stored))
+        diff = max(abs(x - y) for x, y in zip(ours.tobytes(), image.tobytes(), strict=True))
+        assert diff <= 1, job
+
+
+def test_run_cli_refuses_a_bad_file_and_runs_nothing(tmp_path):
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text('{"prompt": "ok"}\n{"prompt": "bad", "width": 30}\n')
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [str(OMNI_BATCH), "run", str(jobs_file), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "line 2" in result.stderr and "width" in result.stderr and "nothing was run" in result.stderr
+    assert not out.exists()
+
+
+def test_run_cli_runs_a_file_end_to_end(tmp_path):
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "a"}\n')
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [str(OMNI_BATCH), "run", str(jobs_file), "--out", str(out), "--dataset", "cli"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "images      2" in result.stdout and "skipped 1 duplicate" in result.stdout
+    assert len(list((out / "cli").glob("*.png"))) == 2

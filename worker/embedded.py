@@ -1,0 +1,142 @@
+"""The embedded runner: the worker's scheduler, engine and storage in one process, no broker.
+
+Jobs enter a window as the Celery worker's reserved messages would; the same scheduler picks the
+next group, so the images and the adapter loads match what the worker does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from omni_engine import Omni
+from omni_engine.errors import AdapterError
+from producer import outputs
+from producer.schema import Job
+from producer.storage import Storage, open_storage
+from worker.adapters import AdapterResolver
+from worker.execute import WorkItem, batch_key, record_failure, run_group
+from worker.scheduler import Pending, SchedulerPolicy, next_group
+from worker.settings import WorkerSettings
+
+
+@dataclass
+class RunSummary:
+    jobs: int = 0
+    images: int = 0
+    skipped: int = 0
+    failed: int = 0
+    adapter_loads: int = 0
+    host_loads: int = 0
+    min_loads: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    def lines(self) -> list[str]:
+        return [
+            f"jobs        {self.jobs} ({self.skipped} already done, skipped)",
+            f"images      {self.images}",
+            f"failures    {self.failed}",
+            f"adapter loads from disk {self.adapter_loads} (minimum possible {self.min_loads}), "
+            f"from host memory {self.host_loads}",
+            f"time        {self.seconds:.1f} s, {self.images_per_s:.2f} images/s",
+        ]
+
+
+class StorageCache:
+    """One storage per output URI for the whole run (opening an S3 client is not free)."""
+
+    def __init__(self, default_uri: str | None, endpoint_url: str | None) -> None:
+        self._default = default_uri
+        self._endpoint = endpoint_url
+        self._open: dict[str, Storage] = {}
+
+    def for_job(self, job: Job) -> Storage:
+        uri = job.output or self._default
+        if uri is None:
+            raise ValueError(
+                f"job {job.job_id} has no output and no default output (--out or OMNI_OUTPUT_URI)"
+            )
+        if uri not in self._open:
+            self._open[uri] = open_storage(uri, endpoint_url=self._endpoint)
+        return self._open[uri]
+
+
+def run_jobs(
+    jobs: Iterable[Job],
+    *,
+    engine: Omni,
+    settings: WorkerSettings,
+    on_done: Callable[[int], None] | None = None,
+) -> RunSummary:
+    """Run every job not already done; failures are recorded, never raised."""
+    summary = RunSummary()
+    started = time.perf_counter()
+    stats_before = engine.lora_stats()
+    resolver = AdapterResolver(settings.adapter_roots)
+    storages = StorageCache(settings.output_uri, settings.s3_endpoint_url)
+    policy = SchedulerPolicy(max_batch=settings.max_batch, max_wait_s=settings.max_wait_s)
+    queue = iter(jobs)
+    window: list[Pending] = []
+    adapters_used: set[str] = set()
+
+    def refill() -> None:
+        while len(window) < settings.window:
+            job = next(queue, None)
+            if job is None:
+                return
+            summary.jobs += 1
+            storage = storages.for_job(job)
+            if storage.exists(outputs.sidecar_key(job.dataset, job.job_id)):
+                summary.skipped += 1
+                _report(on_done, 1)
+                continue
+            try:
+                request = resolver.resolve(job.adapter) if job.adapter else None
+            except AdapterError as e:
+                record_failure(WorkItem(job, None, storage), e)
+                summary.failed += 1
+                _report(on_done, 1)
+                continue
+            item = WorkItem(job, request, storage)
+            window.append(
+                Pending(
+                    job_id=job.job_id,
+                    adapter=request.lora_path if request else None,
+                    batch_key=batch_key(job),
+                    arrived=time.monotonic(),
+                    priority=job.priority,
+                    payload=item,
+                )
+            )
+
+    refill()
+    while window:
+        resident, host = engine.held_adapters()
+        group = next_group(window, resident=resident, host=host, now=time.monotonic(), policy=policy)
+        chosen = {p.job_id for p in group}
+        window[:] = [p for p in window if p.job_id not in chosen]
+        outcomes = run_group(engine, [p.payload for p in group])
+        ok = sum(o.ok for o in outcomes)
+        summary.images += ok
+        summary.failed += len(outcomes) - ok
+        if ok and group[0].adapter is not None:
+            adapters_used.add(group[0].adapter)
+        _report(on_done, len(outcomes))
+        refill()
+
+    stats = engine.lora_stats()
+    summary.adapter_loads = stats["disk_loads"] - stats_before["disk_loads"]
+    summary.host_loads = stats["cpu_hits"] - stats_before["cpu_hits"]
+    summary.min_loads = len(adapters_used)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _report(on_done: Callable[[int], None] | None, count: int) -> None:
+    if on_done is not None:
+        on_done(count)
