@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 
 from omni_engine import Omni
 from omni_engine.errors import (
-    AdapterAccessError,
     AdapterError,
     AdapterNotFoundError,
     IncompatibleAdapterError,

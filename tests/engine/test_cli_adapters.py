@@ -13,7 +13,9 @@ OMNI_BATCH = Path(sys.executable).parent / "omni-batch"
 
 def _validate(*args: str) -> subprocess.CompletedProcess:
     assert OMNI_BATCH.exists(), "the omni-batch console script is not installed"
-    return subprocess.run([str(OMNI_BATCH), "adapters", "validate", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(OMNI_BATCH), "adapters", "validate", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_validate_reports_what_a_good_adapter_targets(make_adapter):
