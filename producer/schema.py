@@ -48,6 +48,13 @@ def _name(value: str) -> str:
     return value
 
 
+def _job_id(value: str) -> str:
+    if value.endswith(".error"):
+        # `<id>.error.json` is the error record of job `<id>`: the sidecar of this job would clash.
+        raise ValueError("must not end with '.error' (reserved for error records)")
+    return value
+
+
 def _adapter(value: str) -> str:
     if not _ADAPTER_RE.fullmatch(value):
         raise ValueError("only letters, digits, '.', '_', '-' and '/' are allowed")
@@ -123,7 +130,7 @@ class Job(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
-    job_id: Name | None = None
+    job_id: Annotated[Name, AfterValidator(_job_id)] | None = None
     dataset: Name = d.DEFAULT_DATASET
     prompt: Annotated[str, Field(min_length=1, max_length=d.MAX_PROMPT_LENGTH), AfterValidator(_utf8)]
     negative_prompt: Annotated[str, AfterValidator(_utf8)] | None = None

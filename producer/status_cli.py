@@ -21,9 +21,8 @@ from tqdm import tqdm
 
 from producer.cli import EXIT_FAILURE, EXIT_OK, UsageError
 from producer.defaults import ENV_OUTPUT_URI
-from producer.errors import InvalidStorageKeyError, InvalidStorageURIError, JobValidationError, StorageError
+from producer.errors import InvalidStorageKeyError, InvalidStorageURIError, StorageError
 from producer.outputs import OutputKind, classify_key, dataset_prefix, error_key
-from producer.schema import parse_job_line
 from producer.storage import Storage, open_storage
 
 DEFAULT_WAIT_INTERVAL = 5.0  # seconds between two listings of the dataset
@@ -115,25 +114,13 @@ def wait_for_jobs(
 
 def read_expected_job_ids(path: Path, dataset: str) -> frozenset[str]:
     """The ids of the dataset's jobs in a JSONL job file, derived as `submit --dataset D` derives them."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UsageError(f"--jobs {path}: cannot read it ({e.strerror or e})") from e
-    job_ids: set[str] = set()
-    # Read as submit reads: bytes.splitlines, blank lines skipped, a BOM allowed on line 1.
-    for number, raw in enumerate(data.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            job = parse_job_line(line, defaults={"dataset": dataset})
-        except (UnicodeDecodeError, JobValidationError) as e:
-            raise UsageError(f"--jobs {path}, line {number}: {e}") from e
-        if job.dataset == dataset:
-            job_ids.add(job.job_id)
+    from producer.submit_cli import validate_file
+
+    jobs, _ = validate_file(str(path), {"dataset": dataset}, action="counted")
+    job_ids = frozenset(job.job_id for job in jobs if job.dataset == dataset)
     if not job_ids:
         raise UsageError(f"--jobs {path} holds no job for dataset {dataset!r}")
-    return frozenset(job_ids)
+    return job_ids
 
 
 def format_summary(status: DatasetStatus) -> str:

@@ -68,7 +68,7 @@ def read_jobs(args: argparse.Namespace, *, action: str = "sent") -> tuple[list[J
     job_defaults = {field: getattr(args, field) for field, _, _ in DEFAULT_FLAGS}
     job_defaults = {field: value for field, value in job_defaults.items() if value is not None}
     _check_defaults(job_defaults)
-    return _validate_file(args.jobs, job_defaults, action=action)
+    return validate_file(args.jobs, job_defaults, action=action)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,8 +118,11 @@ def _read(path: str) -> bytes:
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from e
 
 
-def _validate_file(path: str, job_defaults: dict[str, Any], *, action: str) -> tuple[list[Job], int]:
-    """Every job of the file, or UsageError listing each bad line; identical repeats dropped."""
+def validate_file(path: str, job_defaults: dict[str, Any], *, action: str) -> tuple[list[Job], int]:
+    """Every job of the file, or UsageError listing each bad line; identical repeats dropped.
+
+    The one reader of job files: submit, run, status and wait all count lines and derive ids alike.
+    """
     from producer.errors import JobValidationError
     from producer.schema import parse_job_line
 

@@ -397,3 +397,9 @@ def test_any_json_object_validates_or_raises_the_schema_error(obj: dict) -> None
 def test_any_line_parses_or_raises_the_schema_error(line: str | bytes) -> None:
     with contextlib.suppress(JobValidationError):
         parse_job_line(line)
+
+
+def test_a_job_id_cannot_take_the_error_records_name() -> None:
+    # Job "x.error"'s sidecar would be x.error.json: the error record of job "x".
+    assert any("reserved for error records" in p for p in problems({"prompt": "p", "job_id": "x.error"}))
+    assert validate_job({"prompt": "p", "job_id": "x.errors"}).job_id == "x.errors"
