@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +26,20 @@ UNSUPPORTED_UNLESS = {
 }
 
 
+_MODULE_PATH = re.compile(r"[A-Za-z0-9_.-]+")
+
+
 def _lora_config_fields() -> frozenset[str]:
     from peft import LoraConfig
 
     return frozenset(f.name for f in dataclasses.fields(LoraConfig))
+
+
+def _peft_default(name: str) -> Any:
+    """PEFT's own default, so a config that omits a key computes what PeftModel computes."""
+    from peft import LoraConfig
+
+    return LoraConfig.__dataclass_fields__[name].default
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,7 @@ class AdapterConfig:
         r = data.get("r")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             problems.append(f"r must be a positive integer, got {r!r}")
-        alpha = data.get("lora_alpha", r)
+        alpha = data.get("lora_alpha", _peft_default("lora_alpha"))
         if not _finite_number(alpha):
             problems.append(f"lora_alpha must be a finite number, got {alpha!r}")
         use_rslora = data.get("use_rslora", False)
@@ -75,6 +86,17 @@ class AdapterConfig:
             problems.append("rank_pattern must map module patterns to positive integers")
         if not isinstance(alpha_pattern, dict) or not all(_finite_number(v) for v in alpha_pattern.values()):
             problems.append("alpha_pattern must map module patterns to finite numbers")
+
+        for name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+            # PEFT uses these keys as regular expressions: only literal module paths are accepted,
+            # so a config cannot make the engine raise re.error or backtrack forever.
+            bad = [
+                k
+                for k in (pattern if isinstance(pattern, dict) else {})
+                if not _MODULE_PATH.fullmatch(str(k))
+            ]
+            if bad:
+                problems.append(f"{name} keys must be module paths ([A-Za-z0-9_.-]), got {bad[:3]!r}")
 
         if problems:
             raise InvalidAdapterError(adapter, f"{source}: " + "; ".join(problems))
@@ -100,7 +122,9 @@ class AdapterConfig:
             "use_rslora": self.use_rslora,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
-            "target_modules": sorted(modules),
+            # A string is matched in full by PEFT; a list would also match any module whose path
+            # merely ends with a listed one.
+            "target_modules": "|".join(re.escape(module) for module in sorted(modules)),
         }
 
     def to_dict(self) -> dict[str, Any]:

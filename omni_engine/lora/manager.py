@@ -181,26 +181,34 @@ class LoRAManager:
             key = self._by_path.get(str(directory))
             held = self._held.get(key) if key is not None else None
             if held is not None and held.signature == sig:
-                adapter = held
+                adapter, replacing = held, None
                 source = SOURCE_RESIDENT if key in self._resident else SOURCE_HOST
             else:
                 adapter = self._read(request)
                 source = SOURCE_DISK
-            if not self._held.has_room_for(adapter.key):
-                raise LoRACapacityError(f"all {self._held.capacity} host slots (max_cpu_loras) are pinned")
+                # Older content read from this directory makes room for the new when it goes.
+                replacing = key if key != adapter.key else None
+            _check_room(self._held, adapter.key, replacing, "host slots (max_cpu_loras)")
+            name = None
             if resident and adapter.key not in self._resident:
-                self._make_resident(adapter)
-        except AdapterError:
+                _check_room(self._resident, adapter.key, replacing, "resident slots (max_loras)")
+                name = self._inject(adapter)  # before anything is dropped: a failure changes nothing
+        except (AdapterError, LoRACapacityError):
             self.stats.load_failures += 1
             raise
 
+        pinned = False
         if source == SOURCE_DISK:
-            self._admit(adapter)
+            pinned = self._admit(adapter)
             self.stats.disk_loads += 1
         elif source == SOURCE_HOST and resident:
             self.stats.cpu_hits += 1
-        elif source == SOURCE_RESIDENT:
+        elif source == SOURCE_RESIDENT and resident:
             self.stats.gpu_hits += 1
+        if name is not None:
+            self._resident.put(adapter.key, name)
+        if pinned:
+            self._pin(adapter.key)
         self._held.touch(adapter.key)
         if adapter.key in self._resident:
             self._resident.touch(adapter.key)
@@ -219,8 +227,8 @@ class LoRAManager:
             )
         return adapter
 
-    def _admit(self, adapter: LoRAAdapter) -> None:
-        """Hold a freshly read adapter; older content read from the same directory is dropped."""
+    def _admit(self, adapter: LoRAAdapter) -> bool:
+        """Hold a freshly read adapter, dropping older content of its directory; True if it was pinned."""
         path = str(adapter.path)
         previous = self._by_path.get(path)
         pinned = False
@@ -232,12 +240,10 @@ class LoRAManager:
             pinned = pinned or self._held.is_pinned(adapter.key)
         self._held.put(adapter.key, adapter)
         self._by_path[path] = adapter.key
-        if pinned:
-            self._pin(adapter.key)
+        return pinned
 
     def _make_resident(self, adapter: LoRAAdapter) -> None:
-        if not self._resident.has_room_for(adapter.key):
-            raise LoRACapacityError(f"all {self._resident.capacity} resident slots (max_loras) are pinned")
+        _check_room(self._resident, adapter.key, None, "resident slots (max_loras)")
         name = self._inject(adapter)
         self._resident.put(adapter.key, name)
 
@@ -330,3 +336,9 @@ class LoRAManager:
                 self.stats.activations += 1
                 self._last_activated = name
         self._active = target
+
+
+def _check_room(cache: LRUCache, key: AdapterKey, replacing: AdapterKey | None, what: str) -> None:
+    """Refuse before any change when every slot is pinned (an entry about to be replaced frees one)."""
+    if not (cache.has_room_for(key) or (replacing is not None and replacing in cache)):
+        raise LoRACapacityError(f"all {cache.capacity} {what} are pinned")

@@ -69,6 +69,9 @@ def _build(case: str, make, tmp: Path) -> tuple[str, type[AdapterError], str]:
         return str(_set_config(good(), use_dora=True)), InvalidAdapterError, "use_dora"
     if case == "config-unknown-key":
         return str(_set_config(good(), surprise=1)), InvalidAdapterError, "surprise"
+    if case == "config-regex-pattern":
+        # PEFT would use this key as a regular expression: refused, not compiled.
+        return str(_set_config(good(), rank_pattern={"(": 4})), InvalidAdapterError, "rank_pattern"
     if case == "config-rank-disagrees":
         return str(_set_config(good(), r=8)), InvalidAdapterError, "config says 8"
     if case == "corrupt":
@@ -142,6 +145,7 @@ CASES = [
     "config-dora",
     "config-unknown-key",
     "config-rank-disagrees",
+    "config-regex-pattern",
     "corrupt",
     "truncated",
     "header-lies",

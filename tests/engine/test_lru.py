@@ -97,6 +97,32 @@ def test_changed_adapter_content_is_reloaded_never_stale(omni_factory, make_adap
     assert image_bytes(fresh) == image_bytes(second)
 
 
+def test_rewriting_a_resident_adapter_evicts_nothing_else(omni_factory, make_adapter):
+    omni = omni_factory(max_loras=2, max_cpu_loras=2)
+    a = LoRARequest("a", 1, str(make_adapter("a", seed=1)))
+    b = LoRARequest("b", 2, str(make_adapter("b", seed=2)))
+    omni.generate("x", seed=1, lora_request=a)
+    omni.generate("x", seed=1, lora_request=b)
+    make_adapter("b", seed=3)  # new content in b's directory
+    assert omni.generate("x", seed=1, lora_request=b)[0].metadata["adapter_source"] == "disk"
+    assert omni.lora_stats()["evictions"] == 0
+    assert sorted((i.name, i.resident) for i in omni.list_loras()) == [("a", True), ("b", True)]
+    assert omni.generate("x", seed=1, lora_request=a)[0].metadata["adapter_source"] == "resident"
+
+
+def test_a_pinned_preloaded_adapter_can_be_refreshed_in_a_full_cache(omni_factory, make_adapter):
+    path = make_adapter("p", seed=1)
+    omni = omni_factory(lora_path=str(path), max_loras=1, max_cpu_loras=1)
+    request = LoRARequest("p", 1, str(path))
+    before = omni.generate("x", seed=1, lora_request=request)[0]
+    make_adapter("p", seed=2)
+    after = omni.generate("x", seed=1, lora_request=request)[0]
+    assert after.metadata["adapter_source"] == "disk"
+    assert image_bytes(after) != image_bytes(before)
+    [info] = omni.list_loras()
+    assert info.pinned and info.resident and info.sha256 == after.metadata["lora"]["sha256"]
+
+
 def test_add_lora_holds_it_in_host_memory(omni_factory, make_adapter):
     omni = omni_factory()
     request = LoRARequest("a", 1, str(make_adapter("a")))
@@ -105,6 +131,8 @@ def test_add_lora_holds_it_in_host_memory(omni_factory, make_adapter):
     assert not info.resident
     assert omni.generate("x", seed=1, lora_request=request)[0].metadata["adapter_source"] == "host"
     assert omni.lora_stats()["disk_loads"] == 1 and omni.lora_stats()["cpu_hits"] == 1
+    assert omni.add_lora(request)  # already resident: holding it again is no hit of any tier
+    assert omni.lora_stats()["gpu_hits"] == 0
 
 
 def test_switching_and_scaling_copy_no_weights(omni_factory, make_adapter):
