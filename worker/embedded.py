@@ -83,6 +83,7 @@ def run_jobs(
     queue = iter(jobs)
     window: list[Pending] = []
     adapters_used: set[str] = set()
+    seen: set[str] = set()
 
     def refill() -> None:
         while len(window) < settings.window:
@@ -91,10 +92,12 @@ def run_jobs(
                 return
             summary.jobs += 1
             storage = storages.for_job(job)
-            if storage.exists(outputs.sidecar_key(job.dataset, job.job_id)):
+            # A job given twice runs once (the scheduler needs ids unique in its window).
+            if job.job_id in seen or storage.exists(outputs.sidecar_key(job.dataset, job.job_id)):
                 summary.skipped += 1
                 _report(on_done, 1)
                 continue
+            seen.add(job.job_id)
             try:
                 request = resolver.resolve(job.adapter) if job.adapter else None
             except AdapterError as e:

@@ -15,10 +15,10 @@ from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from math import isnan
 
+from producer.defaults import DEFAULT_PRIORITY, MAX_PRIORITY
+
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_WAIT_S = 300.0
-DEFAULT_PRIORITY = 5
-MAX_PRIORITY = 9
 
 # Adapter tiers, cheapest first.
 _RESIDENT, _HOST, _COLD = 0, 1, 2

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from producer import defaults as d
+from worker.scheduler import DEFAULT_MAX_BATCH
 
 DEFAULT_MODEL = "tiny-sd3"
 DEFAULT_WINDOW = 64
-DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_LORAS = 4
+DEFAULT_MAX_CPU_LORAS = 16
+# Longer than the scheduler's own default: a full 64-job window under load holds a job for about
+# window x seconds-per-job, and a shorter max wait turns grouping back into deadline order
+# (bench/scheduler.py --max-wait).
 DEFAULT_MAX_WAIT_S = 900.0
 
 
@@ -27,14 +32,13 @@ def _int_env(name: str, default: int) -> int:
 class WorkerSettings:
     model: str = DEFAULT_MODEL
     adapter_roots: tuple[str, ...] = ()
-    max_loras: int = 4
-    max_cpu_loras: int = 16
+    max_loras: int = DEFAULT_MAX_LORAS
+    max_cpu_loras: int = DEFAULT_MAX_CPU_LORAS
     window: int = DEFAULT_WINDOW
     max_batch: int = DEFAULT_MAX_BATCH
     max_wait_s: float = DEFAULT_MAX_WAIT_S
     output_uri: str | None = None
     s3_endpoint_url: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, **overrides: object) -> WorkerSettings:
@@ -43,8 +47,8 @@ class WorkerSettings:
         values: dict[str, object] = {
             "model": os.environ.get(d.ENV_MODEL) or DEFAULT_MODEL,
             "adapter_roots": tuple(r for r in roots.split(os.pathsep) if r),
-            "max_loras": _int_env(d.ENV_MAX_LORAS, 4),
-            "max_cpu_loras": _int_env(d.ENV_MAX_CPU_LORAS, 16),
+            "max_loras": _int_env(d.ENV_MAX_LORAS, DEFAULT_MAX_LORAS),
+            "max_cpu_loras": _int_env(d.ENV_MAX_CPU_LORAS, DEFAULT_MAX_CPU_LORAS),
             "window": _int_env(d.ENV_WINDOW, DEFAULT_WINDOW),
             "output_uri": os.environ.get(d.ENV_OUTPUT_URI) or None,
             "s3_endpoint_url": os.environ.get(d.ENV_S3_ENDPOINT_URL) or None,

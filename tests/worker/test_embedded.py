@@ -103,3 +103,10 @@ def test_run_cli_runs_a_file_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "images      2" in result.stdout and "skipped 1 duplicate" in result.stdout
     assert len(list((out / "cli").glob("*.png"))) == 2
+
+
+def test_the_same_job_given_twice_runs_once(tmp_path):
+    job = validate_job({"prompt": "twice", "dataset": "ds"})
+    settings = WorkerSettings(output_uri=str(tmp_path / "out"))
+    summary = run_jobs([job, job], engine=Omni("tiny-sd3"), settings=settings)
+    assert (summary.jobs, summary.images, summary.skipped) == (2, 1, 1)
