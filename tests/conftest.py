@@ -4,4 +4,5 @@ pytest_plugins = [
     "fixtures.redis_server",
     "fixtures.s3_server",
     "fixtures.engine",
+    "fixtures.worker_process",
 ]

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from producer.cli import EXIT_FAILURE, EXIT_OK
+from producer import defaults as d
+from producer.cli import EXIT_FAILURE, EXIT_OK, UsageError
 
 DEFAULT_DEMO_OUT = "omni-demo"
 
@@ -48,6 +49,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--out", default=DEFAULT_DEMO_OUT, metavar="DIR", help=f"default: ./{DEFAULT_DEMO_OUT}")
     demo.set_defaults(handler=demo_command)
 
+    worker = subparsers.add_parser(
+        "worker",
+        help="a Celery worker for omni.generate jobs (one process per GPU: set CUDA_VISIBLE_DEVICES)",
+        description="Consume omni.generate jobs, group them by adapter, store images and sidecars.",
+    )
+    worker.add_argument(
+        "--broker", metavar="URL", help="default: $OMNI_BROKER_URL or redis://localhost:6379/0"
+    )
+    worker.add_argument("--queues", default=d.QUEUE, help=f"comma-separated queues (default: {d.QUEUE})")
+    worker.add_argument("--model", help="preset, pipeline directory or diffusers id (default: $OMNI_MODEL)")
+    worker.add_argument("--adapter-root", dest="adapter_roots", action="append", metavar="DIR")
+    worker.add_argument("--out", metavar="URI", help="default output (default: $OMNI_OUTPUT_URI)")
+    worker.add_argument("--max-loras", type=int)
+    worker.add_argument("--max-cpu-loras", type=int)
+    worker.add_argument("--window", type=int, help="jobs reserved for grouping (default: $OMNI_WINDOW or 64)")
+    worker.add_argument(
+        "--idle", type=float, dest="idle_s", help="seconds without arrivals before a group runs"
+    )
+    worker.add_argument("--hostname", help="Celery node name (default: omni@<host>)")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(handler=worker_command)
+
 
 def _progress(total: int):
     from tqdm import tqdm
@@ -64,17 +87,11 @@ def run_command(args: argparse.Namespace) -> int:
     from omni_engine.models.loader import quiet_library_output
     from producer.errors import StorageError
     from worker.embedded import run_jobs
-    from worker.settings import WorkerSettings
 
     quiet_library_output()
-    settings = WorkerSettings.from_env(
-        model=args.model,
-        adapter_roots=tuple(args.adapter_roots) if args.adapter_roots else None,
-        max_loras=args.max_loras,
-        max_cpu_loras=args.max_cpu_loras,
-        window=args.window,
-        output_uri=args.out,
-    )
+    settings = _settings(args)
+    if settings.output_uri is None and any(job.output is None for job in jobs):
+        raise UsageError("some jobs have no output: give --out or set $OMNI_OUTPUT_URI")
     engine = Omni(
         settings.model,
         max_loras=settings.max_loras,
@@ -109,3 +126,41 @@ def demo_command(args: argparse.Namespace) -> int:
         print(f"one-at-a-time arrival order would have loaded adapters {fifo} times with the same cache")
     print(f"images and sidecars: {out / 'images'}/")
     return EXIT_FAILURE if summary.failed else EXIT_OK
+
+
+def _settings(args: argparse.Namespace, **extra: object):
+    from worker.settings import WorkerSettings
+
+    return WorkerSettings.from_env(
+        model=args.model,
+        adapter_roots=tuple(args.adapter_roots) if args.adapter_roots else None,
+        max_loras=args.max_loras,
+        max_cpu_loras=args.max_cpu_loras,
+        window=args.window,
+        output_uri=args.out,
+        **extra,
+    )
+
+
+def worker_command(args: argparse.Namespace) -> int:
+    import socket
+
+    from omni_engine.models.loader import quiet_library_output
+    from worker.app import make_app
+
+    quiet_library_output()
+    settings = _settings(args, broker_url=args.broker, idle_s=args.idle_s)
+    app = make_app(settings)
+    app.worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            "--concurrency=1",
+            f"--queues={args.queues}",
+            f"--loglevel={args.loglevel}",
+            f"--hostname={args.hostname or 'omni@' + socket.gethostname()}",
+            "--without-mingle",
+            "--without-gossip",
+        ]
+    )
+    return EXIT_OK

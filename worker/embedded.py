@@ -14,11 +14,11 @@ from omni_engine import Omni
 from omni_engine.errors import AdapterError
 from producer import outputs
 from producer.schema import Job
-from producer.storage import Storage, open_storage
 from worker.adapters import AdapterResolver
-from worker.execute import WorkItem, batch_key, record_failure, run_group
+from worker.execute import WorkItem, batch_key, failure, generate_group, store
 from worker.scheduler import Pending, SchedulerPolicy, next_group
 from worker.settings import WorkerSettings
+from worker.storages import StorageCache
 
 
 @dataclass
@@ -45,25 +45,6 @@ class RunSummary:
             f"from host memory {self.host_loads}",
             f"time        {self.seconds:.1f} s, {self.images_per_s:.2f} images/s",
         ]
-
-
-class StorageCache:
-    """One storage per output URI for the whole run (opening an S3 client is not free)."""
-
-    def __init__(self, default_uri: str | None, endpoint_url: str | None) -> None:
-        self._default = default_uri
-        self._endpoint = endpoint_url
-        self._open: dict[str, Storage] = {}
-
-    def for_job(self, job: Job) -> Storage:
-        uri = job.output or self._default
-        if uri is None:
-            raise ValueError(
-                f"job {job.job_id} has no output and no default output (--out or OMNI_OUTPUT_URI)"
-            )
-        if uri not in self._open:
-            self._open[uri] = open_storage(uri, endpoint_url=self._endpoint)
-        return self._open[uri]
 
 
 def run_jobs(
@@ -101,7 +82,7 @@ def run_jobs(
             try:
                 request = resolver.resolve(job.adapter) if job.adapter else None
             except AdapterError as e:
-                record_failure(WorkItem(job, None, storage), e)
+                store(failure(WorkItem(job, None, storage), e))
                 summary.failed += 1
                 _report(on_done, 1)
                 continue
@@ -123,13 +104,15 @@ def run_jobs(
         group = next_group(window, resident=resident, host=host, now=time.monotonic(), policy=policy)
         chosen = {p.job_id for p in group}
         window[:] = [p for p in window if p.job_id not in chosen]
-        outcomes = run_group(engine, [p.payload for p in group])
-        ok = sum(o.ok for o in outcomes)
+        results = generate_group(engine, [p.payload for p in group])
+        for result in results:
+            store(result)
+        ok = sum(r.ok for r in results)
         summary.images += ok
-        summary.failed += len(outcomes) - ok
+        summary.failed += len(results) - ok
         if ok and group[0].adapter is not None:
             adapters_used.add(group[0].adapter)
-        _report(on_done, len(outcomes))
+        _report(on_done, len(results))
         refill()
 
     stats = engine.lora_stats()

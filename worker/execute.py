@@ -1,22 +1,31 @@
-"""Run one group of jobs (one adapter, one batch key) as one engine call, and store each result.
+"""Run one group of jobs (one adapter, one batch key) as one engine call, then store each result.
 
-Shared by the Celery worker and the embedded runner, so both write the same bytes.
+Generating and storing are separate steps so the Celery worker can store one group while the next
+computes; the embedded runner does both in turn. Both write the same bytes.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Any
 
 from omni_engine import Omni
 from omni_engine.errors import AdapterError, LoRACapacityError
 from omni_engine.lora.request import LoRARequest
 from producer import outputs
+from producer.errors import StorageError, StorageUnavailableError
 from producer.schema import Job
 from producer.storage import Storage
 from worker.sidecar import encode, error_record, sidecar
+
+logger = logging.getLogger("omni.worker")
+
+# Failures that are the job's own and will not pass: recorded and acked, never retried.
+PERMANENT_ERRORS = (AdapterError, LoRACapacityError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -27,11 +36,18 @@ class WorkItem:
     submitted_at: float | None = None  # epoch seconds, from the producer's header when known
 
 
-@dataclass(frozen=True)
-class Outcome:
-    job_id: str
-    ok: bool
-    error: str | None = None
+@dataclass
+class Result:
+    """What one job produced: an image and its sidecar record, or the error record of a failure."""
+
+    item: WorkItem
+    record: dict[str, Any]
+    image: bytes | None = None
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 def batch_key(job: Job) -> tuple[Hashable, ...]:
@@ -45,22 +61,16 @@ def png_bytes(image) -> bytes:
     return buffer.getvalue()
 
 
-def record_failure(item: WorkItem, error: BaseException) -> Outcome:
+def failure(item: WorkItem, error: BaseException) -> Result:
     """A job that failed for good: its error record, so status and reruns can see why."""
-    job = item.job
-    item.storage.put_bytes(
-        outputs.error_key(job.dataset, job.job_id),
-        encode(error_record(job, error)),
-        content_type=outputs.JSON_CONTENT_TYPE,
-    )
-    return Outcome(job.job_id, ok=False, error=str(error))
+    return Result(item, error_record(item.job, error), error=error)
 
 
-def run_group(engine: Omni, items: list[WorkItem]) -> list[Outcome]:
-    """Generate every item in one call; store each image, then its sidecar (its presence means done)."""
+def generate_group(engine: Omni, items: list[WorkItem]) -> list[Result]:
+    """Generate every item in one call; nothing is stored yet."""
     first = items[0].job
     try:
-        results = engine.generate(
+        generated = engine.generate(
             [item.job.prompt for item in items],
             lora_request=items[0].request,
             lora_scale=first.scale,
@@ -71,26 +81,55 @@ def run_group(engine: Omni, items: list[WorkItem]) -> list[Outcome]:
             width=first.width,
             negative_prompt=first.negative_prompt,
         )
-    except (AdapterError, LoRACapacityError, ValueError) as e:
+    except PERMANENT_ERRORS as e:
         # The adapter or the parameters are bad for every job of the group, for good.
-        return [record_failure(item, e) for item in items]
+        return [failure(item, e) for item in items]
 
-    done = []
-    for item, result in zip(items, results, strict=True):
-        job = item.job
-        started = time.perf_counter()
-        item.storage.put_bytes(
-            outputs.image_key(job.dataset, job.job_id),
-            png_bytes(result.images[0]),
-            content_type=outputs.IMAGE_CONTENT_TYPE,
-        )
-        timings = {"store_s": time.perf_counter() - started}
+    results = []
+    for item, output in zip(items, generated, strict=True):
+        timings = {}
         if item.submitted_at is not None:
             timings["queue_wait_s"] = max(0.0, time.time() - item.submitted_at)
-        item.storage.put_bytes(
-            outputs.sidecar_key(job.dataset, job.job_id),
-            encode(sidecar(job, result.metadata, timings)),
-            content_type=outputs.JSON_CONTENT_TYPE,
-        )
-        done.append(Outcome(job.job_id, ok=True))
-    return done
+        record = sidecar(item.job, output.metadata, timings)
+        results.append(Result(item, record, image=png_bytes(output.images[0])))
+    return results
+
+
+def store(result: Result) -> None:
+    """Write the image, then the sidecar (its presence means done), or the error record."""
+    job, storage = result.item.job, result.item.storage
+    if result.image is None:
+        key = outputs.error_key(job.dataset, job.job_id)
+        storage.put_bytes(key, encode(result.record), content_type=outputs.JSON_CONTENT_TYPE)
+        return
+    started = time.perf_counter()
+    storage.put_bytes(
+        outputs.image_key(job.dataset, job.job_id), result.image, content_type=outputs.IMAGE_CONTENT_TYPE
+    )
+    result.record["timings"]["store_s"] = time.perf_counter() - started
+    key = outputs.sidecar_key(job.dataset, job.job_id)
+    storage.put_bytes(key, encode(result.record), content_type=outputs.JSON_CONTENT_TYPE)
+
+
+def store_with_retry(result: Result, *, attempts: int, backoff_s: float) -> StorageError | None:
+    """Store, backing off while the storage is unreachable; the generated bytes are kept meanwhile.
+
+    Returns None once stored, or the error that ended it: a StorageUnavailableError once the
+    attempts are spent, or a permanent StorageError at once.
+    """
+    delay = backoff_s
+    for attempt in range(1, attempts + 1):
+        try:
+            store(result)
+            return None
+        except StorageUnavailableError as e:
+            if attempt == attempts:
+                return e
+            logger.warning(
+                "storing job %s failed (%s); retry %d in %.1f s", result.item.job.job_id, e, attempt, delay
+            )
+            time.sleep(delay)  # backoff between attempts, not synchronisation
+            delay *= 2
+        except StorageError as e:
+            return e
+    return None

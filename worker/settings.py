@@ -16,6 +16,15 @@ DEFAULT_MAX_CPU_LORAS = 16
 # window x seconds-per-job, and a shorter max wait turns grouping back into deadline order
 # (bench/scheduler.py --max-wait).
 DEFAULT_MAX_WAIT_S = 900.0
+# Redis redelivers a reserved, unacked job after this long. It must exceed the longest a job can
+# sit in the window (a priority-0 job waits up to 2 x max wait) plus a group's run and upload, or a
+# slow job would run twice (harmless, outputs are idempotent, but wasted).
+DEFAULT_VISIBILITY_TIMEOUT_S = 7200
+# The worker runs a group once no new job has arrived for this long (or the window is full).
+DEFAULT_IDLE_S = 0.2
+# Storing a result: attempts when the storage is unreachable, and the first backoff (doubling).
+DEFAULT_STORE_ATTEMPTS = 6
+DEFAULT_STORE_BACKOFF_S = 0.5
 
 
 def _int_env(name: str, default: int) -> int:
@@ -39,6 +48,12 @@ class WorkerSettings:
     max_wait_s: float = DEFAULT_MAX_WAIT_S
     output_uri: str | None = None
     s3_endpoint_url: str | None = None
+    broker_url: str = d.DEFAULT_BROKER_URL
+    result_backend: str | None = None
+    visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
+    idle_s: float = DEFAULT_IDLE_S
+    store_attempts: int = DEFAULT_STORE_ATTEMPTS
+    store_backoff_s: float = DEFAULT_STORE_BACKOFF_S
 
     @classmethod
     def from_env(cls, **overrides: object) -> WorkerSettings:
@@ -52,6 +67,9 @@ class WorkerSettings:
             "window": _int_env(d.ENV_WINDOW, DEFAULT_WINDOW),
             "output_uri": os.environ.get(d.ENV_OUTPUT_URI) or None,
             "s3_endpoint_url": os.environ.get(d.ENV_S3_ENDPOINT_URL) or None,
+            "broker_url": os.environ.get(d.ENV_BROKER_URL) or d.DEFAULT_BROKER_URL,
+            "result_backend": os.environ.get(d.ENV_RESULT_BACKEND) or None,
+            "visibility_timeout_s": _int_env(d.ENV_VISIBILITY_TIMEOUT, DEFAULT_VISIBILITY_TIMEOUT_S),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["window"] < 1:

@@ -1,0 +1,142 @@
+"""The whole loop on real parts: a real redis-server, a real `omni-batch worker` process, S3 over
+HTTP (moto's server), the tiny model and real adapters. Nothing is mocked."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from fixtures.redis_server import queued_messages
+
+from producer import outputs
+from producer.client import Client
+from producer.schema import validate_job
+from producer.status_cli import wait_for_jobs
+from producer.storage import open_storage
+from worker.embedded import run_jobs
+from worker.settings import WorkerSettings
+
+ADAPTERS = [f"style-{i}" for i in range(6)]
+# The grouping bound: one cold load per adapter, plus this much slack for a window that starts
+# a group before every job has been reserved.
+LOAD_SLACK = 2
+
+
+def _worker_flags(redis_url: str, root, out: str, *extra: str) -> list[str]:
+    return [
+        "--broker", redis_url, "--adapter-root", str(root), "--out", out,
+        "--max-loras", "1", "--max-cpu-loras", "1", "--window", "64", "--idle", "1.0", *extra,
+    ]  # fmt: skip
+
+
+def _wait_done(storage, dataset: str, jobs, timeout: float = 300):
+    status = wait_for_jobs(storage, dataset, frozenset(j.job_id for j in jobs), timeout=timeout, interval=0.2)
+    assert status.pending == 0, f"{status.pending} job(s) never finished"
+    return status
+
+
+def _wait_drained(redis_client, timeout: float = 120) -> None:
+    """Until no message is queued or reserved: the worker has taken and settled every one."""
+    deadline = time.monotonic() + timeout
+    while queued_messages(redis_client, "omni") or redis_client.hlen("unacked"):
+        assert time.monotonic() < deadline, "messages still queued or unacked"
+        time.sleep(0.1)  # polling a condition with a deadline
+
+
+@pytest.fixture
+def six_adapters(make_adapter, tmp_path):
+    for name in ADAPTERS:
+        make_adapter(name)
+    return tmp_path / "adapters"
+
+
+def test_interleaved_jobs_are_grouped_and_match_the_embedded_runner(
+    redis_url, s3_bucket, six_adapters, start_worker, tmp_path
+):
+    jobs = [
+        validate_job({"prompt": f"picture {i}", "adapter": name, "dataset": "e2e"})
+        for i in range(10)
+        for name in ADAPTERS
+    ]
+    with Client(redis_url) as client:
+        client.submit_many(jobs)
+    start_worker(*_worker_flags(redis_url, six_adapters, s3_bucket.uri))
+
+    storage = open_storage(s3_bucket.uri)
+    status = _wait_done(storage, "e2e", jobs)
+    assert status.done == 60 and status.failed == 0
+
+    sidecars = [json.loads(storage.get_bytes(outputs.sidecar_key("e2e", j.job_id))) for j in jobs]
+    # The jobs of one engine call share its timings to the last digit: one call, one entry.
+    calls = {
+        (s["adapter_sha256"], s["timings"]["adapter_s"], s["timings"]["generate_s"]): s for s in sidecars
+    }
+    cold = sum(s["adapter_source"] == "disk" for s in calls.values())
+    # With one adapter cached, one job at a time in arrival order would load 60 times.
+    assert cold <= len(ADAPTERS) + LOAD_SLACK, cold
+    assert {s["status"] for s in sidecars} == {"ok"}
+
+    embedded_out = str(tmp_path / "embedded")
+    settings = WorkerSettings(
+        adapter_roots=(str(six_adapters),), max_loras=1, max_cpu_loras=1, window=64, output_uri=embedded_out
+    )
+    from omni_engine import Omni
+
+    engine = Omni("tiny-sd3", max_loras=1, max_cpu_loras=1, adapter_roots=[str(six_adapters)])
+    run_jobs(jobs, engine=engine, settings=settings)
+    local = open_storage(embedded_out)
+    for job in jobs:
+        key = outputs.image_key("e2e", job.job_id)
+        assert storage.get_bytes(key) == local.get_bytes(key), (
+            f"job {job.job_id} differs from the embedded run"
+        )
+
+
+def test_bad_jobs_fail_clearly_and_every_other_job_succeeds(redis_url, s3_bucket, six_adapters, start_worker):
+    good = [validate_job({"prompt": f"ok {i}", "adapter": ADAPTERS[i], "dataset": "mixed"}) for i in range(3)]
+    unknown = validate_job({"prompt": "who?", "adapter": "no-such-style", "dataset": "mixed"})
+    with Client(redis_url) as client:
+        client.submit_many([*good, unknown])
+        # A job that skipped the producer's checks, as any Celery client can send one.
+        raw = {"job_id": "raw-bad-size", "dataset": "mixed", "prompt": "x", "width": 30}
+        client.app.send_task("omni.generate", args=[raw], queue="omni", task_id="raw-bad-size")
+    start_worker(*_worker_flags(redis_url, six_adapters, s3_bucket.uri))
+
+    storage = open_storage(s3_bucket.uri)
+    expected = [*good, unknown]
+    status = wait_for_jobs(
+        storage,
+        "mixed",
+        frozenset([*(j.job_id for j in expected), "raw-bad-size"]),
+        timeout=300,
+        interval=0.2,
+    )
+    assert status.done == 3 and status.failed == 2
+
+    missing = json.loads(storage.get_bytes(outputs.error_key("mixed", unknown.job_id)))
+    assert missing["status"] == "failed" and missing["error_type"] == "AdapterNotFoundError"
+    assert "no-such-style" in missing["error"]
+    bad_size = json.loads(storage.get_bytes(outputs.error_key("mixed", "raw-bad-size")))
+    assert bad_size["error_type"] == "JobValidationError" and "width" in bad_size["error"]
+
+
+def test_a_job_sent_twice_and_a_finished_dataset_generate_nothing_more(
+    redis_url, redis_server, s3_bucket, six_adapters, start_worker
+):
+    jobs = [
+        validate_job({"prompt": f"once {i}", "adapter": ADAPTERS[0], "dataset": "again"}) for i in range(3)
+    ]
+    with Client(redis_url) as client:
+        client.submit_many([jobs[0], jobs[0]])
+        start_worker(*_worker_flags(redis_url, six_adapters, s3_bucket.uri))
+        storage = open_storage(s3_bucket.uri)
+        _wait_done(storage, "again", jobs[:1])
+        client.submit_many(jobs)
+        _wait_done(storage, "again", jobs)
+        first = {j.job_id: storage.get_bytes(outputs.sidecar_key("again", j.job_id)) for j in jobs}
+
+        client.submit_many(jobs)  # the whole dataset again
+        _wait_drained(redis_server.client())
+    # Every sidecar carries its run's timings: unchanged bytes mean nothing was generated again.
+    assert {j.job_id: storage.get_bytes(outputs.sidecar_key("again", j.job_id)) for j in jobs} == first

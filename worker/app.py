@@ -1,0 +1,52 @@
+"""The Celery app of a worker: the producer's wire settings plus what makes delivery safe.
+
+Late acks (a job is acked only once its outputs are stored), a reservation of `window` jobs for
+grouping, the solo pool (CUDA and fork do not mix; one process per GPU), and a visibility timeout
+above the longest a job can wait in the window.
+"""
+
+from __future__ import annotations
+
+from celery import Celery, Task
+
+from producer import defaults as d
+from producer.client import celery_config
+from worker.settings import WorkerSettings
+
+# Seconds a warm shutdown lets a running group finish before buffered jobs go back to the queue.
+SOFT_SHUTDOWN_TIMEOUT_S = 60.0
+
+
+class GenerateTask(Task):
+    """`omni.generate`: jobs are buffered and grouped by `worker.consumer`, not run one by one."""
+
+    name = d.TASK_NAME
+    Strategy = "worker.consumer:grouping_strategy"
+    acks_late = True
+    reject_on_worker_lost = True
+
+    def run(self, job: dict) -> None:
+        raise RuntimeError(
+            "omni.generate runs through the grouping worker (omni-batch worker), not as a plain call"
+        )
+
+
+def make_app(settings: WorkerSettings) -> Celery:
+    app = Celery("omni-worker", set_as_current=False)
+    config = celery_config(settings.broker_url, settings.result_backend)
+    config["broker_transport_options"]["visibility_timeout"] = settings.visibility_timeout_s
+    config.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=settings.window,
+        worker_concurrency=1,
+        worker_pool="solo",
+        worker_soft_shutdown_timeout=SOFT_SHUTDOWN_TIMEOUT_S,
+        worker_enable_soft_shutdown_on_idle=True,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    app.conf.update(config)
+    app.register_task(GenerateTask())
+    app.omni_settings = settings
+    return app

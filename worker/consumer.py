@@ -1,0 +1,253 @@
+"""The Celery side of grouping: reserved `omni.generate` messages are buffered in a window, and
+the pure scheduler decides which group the engine runs next.
+
+Celery hands each message to a task's *strategy*; this one keeps the request instead of running
+it. A group runs when the window is full or no job has arrived for `idle_s`. Its results are
+stored on a background thread while the next group computes; each message is acked on the
+consumer's thread only once its image and sidecar (or its error record) are stored. A job that
+fails for good is recorded and acked; one whose storage stayed unreachable is requeued.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from celery.backends.base import DisabledBackend
+from celery.utils.imports import symbol_by_name
+from celery.worker.request import create_request_cls
+from celery.worker.state import revoked as revoked_tasks
+from celery.worker.state import task_ready, task_reserved
+from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
+
+from omni_engine import Omni
+from omni_engine.errors import AdapterError
+from producer import outputs
+from producer.defaults import DEFAULT_DATASET, SUBMITTED_AT_HEADER
+from producer.errors import InvalidStorageKeyError, JobValidationError, StorageError, StorageUnavailableError
+from producer.schema import validate_job
+from worker.adapters import AdapterResolver
+from worker.execute import Result, WorkItem, batch_key, failure, generate_group, store_with_retry
+from worker.scheduler import Pending, SchedulerPolicy, next_group
+from worker.settings import WorkerSettings
+from worker.sidecar import encode, error_record
+from worker.storages import StorageCache
+
+logger = logging.getLogger("omni.worker")
+
+# How often the consumer's timer looks at the window: often, so one group follows another at
+# once; whether a group runs is decided by `idle_s`.
+TICK_S = 0.05
+
+
+def grouping_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):
+    """Celery's hook (`Task.Strategy`): called at every (re)connection; the engine loads once."""
+    grouper = getattr(app, "omni_grouper", None)
+    if grouper is None:
+        grouper = app.omni_grouper = Grouper(app.omni_settings, app)
+    return grouper.attach(task, consumer)
+
+
+class Grouper:
+    def __init__(self, settings: WorkerSettings, app: Any) -> None:
+        self.settings = settings
+        self.app = app
+        self.engine = Omni(
+            settings.model,
+            max_loras=settings.max_loras,
+            max_cpu_loras=settings.max_cpu_loras,
+            adapter_roots=list(settings.adapter_roots),
+        )
+        self.resolver = AdapterResolver(settings.adapter_roots)
+        self.storages = StorageCache(settings.output_uri, settings.s3_endpoint_url)
+        self.policy = SchedulerPolicy(max_batch=settings.max_batch, max_wait_s=settings.max_wait_s)
+        self.window: list[Pending] = []
+        self.uploads: deque[tuple[Future, list[tuple[Any, Result]]]] = deque()
+        self.uploader = ThreadPoolExecutor(1, thread_name_prefix="omni-store")
+        self.last_arrival = time.monotonic()
+        self._timer = None
+
+    # -- Celery wiring -------------------------------------------------------------------------
+
+    def attach(self, task: Any, consumer: Any):
+        """A new connection: requests buffered on the old one are Redis's to redeliver."""
+        if self._timer is not None:
+            self._timer.cancel()
+        for pending in self.window:
+            task_ready(pending.payload[0])
+        self.window.clear()
+        app = self.app
+        Request = create_request_cls(
+            symbol_by_name(task.Request),
+            task,
+            consumer.pool,
+            consumer.hostname,
+            consumer.event_dispatcher,
+            app=app,
+        )
+
+        def on_message(message, body, ack, reject, callbacks, **kwargs):
+            # As celery.worker.strategy.default decodes a message, for every protocol version.
+            if body is None and "args" not in message.payload:
+                body, headers, decoded, utc = message.body, message.headers, False, app.uses_utc_timezone()
+            elif "args" in message.payload:
+                body, headers, decoded, utc = hybrid_to_proto2(message, message.payload)
+            else:
+                body, headers, decoded, utc = proto1_to_proto2(message, body)
+            request = Request(
+                message,
+                on_ack=ack,
+                on_reject=reject,
+                app=app,
+                hostname=consumer.hostname,
+                eventer=consumer.event_dispatcher,
+                task=task,
+                connection_errors=consumer.connection_errors,
+                body=body,
+                headers=headers,
+                decoded=decoded,
+                utc=utc,
+            )
+            if (request.expires or request.id in revoked_tasks) and request.revoked():
+                return  # revoked or expired: Celery acked it and recorded why
+            task_reserved(request)
+            self.receive(request)
+
+        self._timer = consumer.timer.call_repeatedly(TICK_S, self.tick, priority=10)
+        return on_message
+
+    # -- the window ----------------------------------------------------------------------------
+
+    def receive(self, request: Any) -> None:
+        self.last_arrival = time.monotonic()
+        pending = self._admit(request)
+        if pending is not None:
+            self.window.append(pending)
+        self.harvest()
+        if len(self.window) >= self.settings.window:
+            self.run_next()
+
+    def tick(self) -> None:
+        """On the consumer's timer: settle finished uploads; run a group once arrivals pause."""
+        try:
+            self.harvest()
+            if self.window and time.monotonic() - self.last_arrival >= self.settings.idle_s:
+                self.run_next()
+        except Exception:  # the timer must keep running whatever one group did
+            logger.exception("omni-batch worker: unexpected error between groups")
+
+    def _admit(self, request: Any) -> Pending | None:
+        raw = request.args[0] if len(request.args) == 1 and not request.kwargs else None
+        try:
+            if raw is None:
+                raise JobValidationError(["a job is one JSON object, the task's only argument"])
+            job = validate_job(raw)
+            storage = self.storages.for_job(job)
+        except (JobValidationError, ValueError, StorageError) as e:
+            self._reject_invalid(request, raw, e)
+            return None
+        try:
+            done = storage.exists(outputs.sidecar_key(job.dataset, job.job_id))
+        except StorageUnavailableError:
+            done = False  # the store step retries; at worst a job is generated again
+        if done or any(p.job_id == job.job_id for p in self.window):
+            self._finish(request)  # already done, or the same job twice: outputs exist once
+            return None
+        try:
+            lora_request = self.resolver.resolve(job.adapter) if job.adapter else None
+        except AdapterError as e:
+            self._store([(request, failure(WorkItem(job, None, storage), e))])
+            return None
+        submitted_at = request.message.headers.get(SUBMITTED_AT_HEADER)
+        item = WorkItem(job, lora_request, storage, submitted_at if isinstance(submitted_at, float) else None)
+        return Pending(
+            job_id=job.job_id,
+            adapter=lora_request.lora_path if lora_request else None,
+            batch_key=batch_key(job),
+            arrived=time.monotonic(),
+            priority=job.priority,
+            payload=(request, item),
+        )
+
+    def run_next(self) -> None:
+        resident, host = self.engine.held_adapters()
+        group = next_group(
+            self.window, resident=resident, host=host, now=time.monotonic(), policy=self.policy
+        )
+        chosen = {p.job_id for p in group}
+        self.window[:] = [p for p in self.window if p.job_id not in chosen]
+        live = [p for p in group if not p.payload[0].revoked()]  # revoked meanwhile: acked by Celery
+        if not live:
+            return
+        items = [p.payload[1] for p in live]
+        logger.debug(
+            "running %d job(s) for %s; %d left in the window", len(items), live[0].adapter, len(self.window)
+        )
+        try:
+            results = generate_group(self.engine, items)
+        except Exception as e:  # not the job's own error: record it and keep serving
+            logger.exception("omni-batch worker: a group of %d job(s) failed", len(items))
+            results = [failure(item, e) for item in items]
+        self._store([(p.payload[0], result) for p, result in zip(live, results, strict=True)])
+
+    # -- storing and acking --------------------------------------------------------------------
+
+    def _store(self, pairs: list[tuple[Any, Result]]) -> None:
+        results = [result for _, result in pairs]
+        self.uploads.append((self.uploader.submit(self._store_all, results), pairs))
+
+    def _store_all(self, results: list[Result]) -> list[StorageError | None]:
+        attempts, backoff = self.settings.store_attempts, self.settings.store_backoff_s
+        return [store_with_retry(result, attempts=attempts, backoff_s=backoff) for result in results]
+
+    def harvest(self, *, wait: bool = False) -> None:
+        """Ack what is stored, in order; on the consumer's thread, where the channel lives."""
+        while self.uploads and (wait or self.uploads[0][0].done()):
+            future, pairs = self.uploads.popleft()
+            for (request, result), error in zip(pairs, future.result(), strict=True):
+                if error is None and result.ok:
+                    self._finish(request)
+                elif isinstance(error, StorageUnavailableError):
+                    logger.error(
+                        "job %s: storage still unreachable, back to the queue: %s", request.id, error
+                    )
+                    request.reject(requeue=True)
+                    task_ready(request)
+                else:
+                    self._fail(request, error or result.error)
+
+    def _finish(self, request: Any) -> None:
+        request.acknowledge()
+        task_ready(request)
+
+    def _fail(self, request: Any, error: BaseException) -> None:
+        """A failure for good: Celery's FAILURE state (when results are kept), then the ack."""
+        logger.warning("job %s failed: %s: %s", request.id, type(error).__name__, error)
+        if not isinstance(self.app.backend, DisabledBackend):
+            try:
+                self.app.backend.mark_as_failure(request.id, error, request=request._context)
+            except Exception:
+                logger.exception("job %s: could not record the failure in the result backend", request.id)
+        self._finish(request)
+
+    def _reject_invalid(self, request: Any, raw: Any, error: Exception) -> None:
+        """A message that is no valid job: recorded under the worker's own output, never the job's."""
+        data = raw if isinstance(raw, dict) else {}
+        try:
+            key = outputs.error_key(
+                str(data.get("dataset", DEFAULT_DATASET)), str(data.get("job_id", request.id))
+            )
+        except InvalidStorageKeyError:
+            key = None
+        if key is not None and self.settings.output_uri is not None:
+            try:
+                storage = self.storages.for_uri(self.settings.output_uri)
+                storage.put_bytes(
+                    key, encode(error_record(data, error)), content_type=outputs.JSON_CONTENT_TYPE
+                )
+            except StorageError as e:
+                logger.error("job %s: could not write its error record: %s", request.id, e)
+        self._fail(request, error)
