@@ -63,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"omni-batch {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except ModuleNotFoundError as e:
+        # A command whose registration is light but whose work needs the worker extra.
+        print(
+            f"omni-batch {args.command}: needs {e.name}, which is not installed: "
+            "pip install 'omni-batch[worker]'",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_FAILURE

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from fixtures.redis_server import queued_messages
@@ -93,7 +94,9 @@ def test_interleaved_jobs_are_grouped_and_match_the_embedded_runner(
         )
 
 
-def test_bad_jobs_fail_clearly_and_every_other_job_succeeds(redis_url, s3_bucket, six_adapters, start_worker):
+def test_bad_jobs_fail_clearly_and_every_other_job_succeeds(
+    redis_url, redis_server, s3_bucket, six_adapters, start_worker
+):
     good = [validate_job({"prompt": f"ok {i}", "adapter": ADAPTERS[i], "dataset": "mixed"}) for i in range(3)]
     unknown = validate_job({"prompt": "who?", "adapter": "no-such-style", "dataset": "mixed"})
     with Client(redis_url) as client:
@@ -101,6 +104,15 @@ def test_bad_jobs_fail_clearly_and_every_other_job_succeeds(redis_url, s3_bucket
         # A job that skipped the producer's checks, as any Celery client can send one.
         raw = {"job_id": "raw-bad-size", "dataset": "mixed", "prompt": "x", "width": 30}
         client.app.send_task("omni.generate", args=[raw], queue="omni", task_id="raw-bad-size")
+        # A job whose deadline passed before any worker saw it: honoured, never generated.
+        late = validate_job({"prompt": "too late", "dataset": "mixed"})
+        client.app.send_task(
+            "omni.generate",
+            args=[late.wire_dict()],
+            queue="omni",
+            task_id=late.job_id,
+            expires=datetime.now(UTC) - timedelta(minutes=1),
+        )
     start_worker(*_worker_flags(redis_url, six_adapters, s3_bucket.uri))
 
     storage = open_storage(s3_bucket.uri)
@@ -119,6 +131,8 @@ def test_bad_jobs_fail_clearly_and_every_other_job_succeeds(redis_url, s3_bucket
     assert "no-such-style" in missing["error"]
     bad_size = json.loads(storage.get_bytes(outputs.error_key("mixed", "raw-bad-size")))
     assert bad_size["error_type"] == "JobValidationError" and "width" in bad_size["error"]
+    _wait_drained(redis_server.client())
+    assert not any(late.job_id in key for key in storage.list_keys("mixed/")), "an expired job ran"
 
 
 def test_a_job_sent_twice_and_a_finished_dataset_generate_nothing_more(

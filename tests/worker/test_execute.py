@@ -1,0 +1,77 @@
+"""Storing a result while the S3 server is down: kept bytes, backoff, then stored when it returns."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import boto3
+from fixtures.redis_server import free_port
+from moto.server import ThreadedMotoServer
+
+from producer import outputs
+from producer.errors import StorageUnavailableError
+from producer.schema import validate_job
+from producer.storage import open_storage
+from worker.execute import Result, WorkItem, store_with_retry
+
+# s3_server: the session's fake credentials; the servers here are the tests' own, to stop and start.
+
+
+class _RetrySeen(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "retry" in record.getMessage():
+            self.seen.set()
+
+
+def _result(storage) -> Result:
+    job = validate_job({"prompt": "kept", "dataset": "ds"})
+    return Result(
+        WorkItem(job, None, storage), {"status": "ok", "timings": {}}, image=b"\x89PNG generated once"
+    )
+
+
+def test_a_result_is_stored_once_the_server_is_back(s3_server):
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="comes-back")
+    storage = open_storage("s3://comes-back/out", endpoint_url=endpoint)
+    server.stop()
+
+    result = _result(storage)
+    handler = _RetrySeen()
+    logging.getLogger("omni.worker").addHandler(handler)
+    outcome: dict[str, object] = {}
+    thread = threading.Thread(
+        target=lambda: outcome.update(error=store_with_retry(result, attempts=10, backoff_s=0.2))
+    )
+    try:
+        thread.start()
+        assert handler.seen.wait(30), "no failed attempt while the server was down"
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)  # same port, same buckets
+        server.start()
+        thread.join(60)
+    finally:
+        logging.getLogger("omni.worker").removeHandler(handler)
+
+    assert outcome["error"] is None
+    job = result.item.job
+    assert storage.get_bytes(outputs.image_key(job.dataset, job.job_id)) == b"\x89PNG generated once"
+    record = json.loads(storage.get_bytes(outputs.sidecar_key(job.dataset, job.job_id)))
+    assert record["status"] == "ok" and "store_s" in record["timings"]
+    server.stop()
+
+
+def test_the_retry_budget_ends_with_a_clear_error(s3_server):
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens here
+    storage = open_storage("s3://never-there/out", endpoint_url=endpoint)
+    error = store_with_retry(_result(storage), attempts=2, backoff_s=0.01)
+    assert isinstance(error, StorageUnavailableError)
+    assert "never-there" in str(error) or endpoint in str(error)
