@@ -8,6 +8,8 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from celery import Celery
+from celery.result import AsyncResult
 from fixtures.redis_server import queued_messages
 
 from producer import outputs
@@ -95,8 +97,10 @@ def test_interleaved_jobs_are_grouped_and_match_the_embedded_runner(
 
 
 def test_bad_jobs_fail_clearly_and_every_other_job_succeeds(
-    redis_url, redis_server, s3_bucket, six_adapters, start_worker
+    redis_url, redis_server, s3_bucket, six_adapters, start_worker, monkeypatch
 ):
+    results_url = redis_url.rsplit("/", 1)[0] + "/1"
+    monkeypatch.setenv("OMNI_RESULT_BACKEND", results_url)
     good = [validate_job({"prompt": f"ok {i}", "adapter": ADAPTERS[i], "dataset": "mixed"}) for i in range(3)]
     unknown = validate_job({"prompt": "who?", "adapter": "no-such-style", "dataset": "mixed"})
     with Client(redis_url) as client:
@@ -133,6 +137,11 @@ def test_bad_jobs_fail_clearly_and_every_other_job_succeeds(
     assert bad_size["error_type"] == "JobValidationError" and "width" in bad_size["error"]
     _wait_drained(redis_server.client())
     assert not any(late.job_id in key for key in storage.list_keys("mixed/")), "an expired job ran"
+
+    # With a result backend, a failed job is also Celery's FAILURE, with the reason.
+    results = Celery(backend=results_url)
+    failed = AsyncResult(unknown.job_id, app=results)
+    assert failed.state == "FAILURE" and "no-such-style" in str(failed.result)
 
 
 def test_a_job_sent_twice_and_a_finished_dataset_generate_nothing_more(
