@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from omni_engine.lora.adapter import DEFAULT_MAX_ADAPTER_BYTES
 from omni_engine.lora.manager import LoRAInfo, LoRAManager
 from omni_engine.lora.request import LoRARequest
 from omni_engine.models.loader import load_model, resolve_device
@@ -53,6 +54,7 @@ class Omni:
         adapter_roots: Sequence[str] | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
+        max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
     ) -> None:
         self.device, self.dtype = resolve_device(device, dtype)
         self._model = load_model(model, device=self.device, dtype=self.dtype)
@@ -63,6 +65,7 @@ class Omni:
             max_cpu_loras=max_cpu_loras,
             max_lora_rank=max_lora_rank,
             adapter_roots=list(adapter_roots) if adapter_roots is not None else None,
+            max_adapter_bytes=max_adapter_bytes,
             pin_host_memory=self.device.type == "cuda",
         )
         self._lock = threading.RLock()

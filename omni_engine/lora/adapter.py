@@ -10,7 +10,7 @@ import torch
 
 from omni_engine.errors import IncompatibleAdapterError, InvalidAdapterError
 from omni_engine.lora.config import AdapterConfig
-from omni_engine.lora.paths import resolve_adapter_dir, resolve_file
+from omni_engine.lora.paths import read_capped, resolve_adapter_dir, resolve_file
 from omni_engine.lora.safetensors_file import read_safetensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -20,6 +20,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 PEFT_PREFIX = "base_model.model."
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+# Largest weights file read (Omni's max_adapter_bytes), and largest config: a LoRA is megabytes.
+DEFAULT_MAX_ADAPTER_BYTES = 2 * 1024**3
+MAX_CONFIG_BYTES = 1024**2
 
 # An adapter's identity: its canonical directory and the sha256 of its weights.
 AdapterKey = tuple[str, str]
@@ -78,15 +81,22 @@ def signature(path: str, roots: tuple[Path, ...] | None, *, adapter: str) -> tup
     return directory, tuple(stats)
 
 
-def read_adapter(path: str, *, name: str, component: str, roots: tuple[Path, ...] | None) -> LoRAAdapter:
+def read_adapter(
+    path: str,
+    *,
+    name: str,
+    component: str,
+    roots: tuple[Path, ...] | None,
+    max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+) -> LoRAAdapter:
     """Resolve, read and check an adapter. `component` is the model part keys may be prefixed with."""
     directory, sig = signature(path, roots, adapter=name)
     config_file, weights_file = _files(directory, roots, adapter=name)
-    weights = read_safetensors(weights_file, adapter=name)
+    weights = read_safetensors(weights_file, adapter=name, max_bytes=max_bytes)
 
     if config_file is not None:
         try:
-            raw_config = json.loads(config_file.read_text())
+            raw_config = json.loads(read_capped(config_file, MAX_CONFIG_BYTES, adapter=name))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InvalidAdapterError(name, f"{CONFIG_FILE} is not valid JSON: {e}") from e
         config = AdapterConfig.from_dict(raw_config, adapter=name, source=CONFIG_FILE)

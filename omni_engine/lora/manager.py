@@ -19,7 +19,13 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from omni_engine.errors import AdapterError, IncompatibleAdapterError, LoRACapacityError
-from omni_engine.lora.adapter import AdapterKey, LoRAAdapter, read_adapter, signature
+from omni_engine.lora.adapter import (
+    DEFAULT_MAX_ADAPTER_BYTES,
+    AdapterKey,
+    LoRAAdapter,
+    read_adapter,
+    signature,
+)
 from omni_engine.lora.layers import adaptable_layers, check_compatible
 from omni_engine.lora.lru import LRUCache
 from omni_engine.lora.paths import canonical_roots
@@ -72,6 +78,7 @@ class LoRAManager:
         max_cpu_loras: int,
         max_lora_rank: int,
         adapter_roots: list[str] | None,
+        max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
         pin_host_memory: bool = False,
     ) -> None:
         if max_loras < 1:
@@ -89,6 +96,7 @@ class LoRAManager:
         self._max_rank = max_lora_rank
         self._roots = canonical_roots(adapter_roots)
         self._pin_host_memory = pin_host_memory
+        self._max_adapter_bytes = max_adapter_bytes
         self._held: LRUCache[AdapterKey, LoRAAdapter] = LRUCache(max_cpu_loras, self._evicted_from_host)
         self._resident: LRUCache[AdapterKey, str] = LRUCache(max_loras, self._evicted_from_model)
         self._by_path: dict[str, AdapterKey] = {}
@@ -218,7 +226,11 @@ class LoRAManager:
 
     def _read(self, request: LoRARequest) -> LoRAAdapter:
         adapter = read_adapter(
-            request.lora_path, name=request.lora_name, component=self._component, roots=self._roots
+            request.lora_path,
+            name=request.lora_name,
+            component=self._component,
+            roots=self._roots,
+            max_bytes=self._max_adapter_bytes,
         )
         check_compatible(adapter, self._layers, max_rank=self._max_rank)
         if self._pin_host_memory:

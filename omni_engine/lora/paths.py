@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from omni_engine.errors import AdapterAccessError, AdapterNotFoundError
+from omni_engine.errors import AdapterAccessError, AdapterNotFoundError, InvalidAdapterError
 
 
 def canonical_roots(roots: Sequence[str | os.PathLike] | None) -> tuple[Path, ...] | None:
@@ -31,6 +31,22 @@ def resolve_adapter_dir(path: str | os.PathLike, roots: tuple[Path, ...] | None,
     if not resolved.is_dir():
         raise AdapterNotFoundError(adapter, f"{os.fspath(path)!r} is not a directory")
     return resolved
+
+
+def read_capped(path: Path, limit: int, *, adapter: str) -> bytes:
+    """Read a resolved file, refusing one over `limit` bytes before reading it.
+
+    O_NOFOLLOW: a symlink swapped in after the roots check is refused, not followed.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise AdapterNotFoundError(adapter, f"cannot open {path.name}: {e.strerror}") from e
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise InvalidAdapterError(adapter, f"{path.name} is {size} bytes, above the limit of {limit}")
+        return f.read(limit + 1)
 
 
 def resolve_file(directory: Path, name: str, roots: tuple[Path, ...] | None, *, adapter: str) -> Path | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from omni_engine.errors import InvalidAdapterError
+from omni_engine.lora.paths import read_capped
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 DTYPE_SIZES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
@@ -29,12 +30,12 @@ class SafetensorsFile:
     nbytes: int
 
 
-def read_safetensors(path: Path, *, adapter: str) -> SafetensorsFile:
+def read_safetensors(path: Path, *, adapter: str, max_bytes: int) -> SafetensorsFile:
     """Parse, check and load a safetensors file; any defect is an InvalidAdapterError naming it."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    data = path.read_bytes()
+    data = read_capped(path, max_bytes, adapter=adapter)
     metadata = _check_layout(data, path=path, adapter=adapter)
     try:
         tensors = load(data)

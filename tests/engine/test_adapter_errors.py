@@ -22,6 +22,7 @@ from omni_engine.errors import (
 from omni_engine.lora.request import LoRARequest
 
 WEIGHTS = "adapter_model.safetensors"
+MAX_BYTES = 64 * 1024  # the engine's cap in these tests; a good adapter here is a few KiB
 CONFIG = "adapter_config.json"
 
 
@@ -95,6 +96,11 @@ def _build(case: str, make, tmp: Path) -> tuple[str, type[AdapterError], str]:
         text = text.ljust(header_len)
         (path / WEIGHTS).write_bytes(bytes(data[:8]) + text + bytes(data[8 + header_len :]))
         return str(path), InvalidAdapterError, "spans"
+    if case == "oversized":
+        path = good()
+        with open(path / WEIGHTS, "ab") as f:
+            f.write(b"\0" * MAX_BYTES)
+        return str(path), InvalidAdapterError, "above the limit"
     if case == "nan":
 
         def poison(t):
@@ -149,6 +155,7 @@ CASES = [
     "corrupt",
     "truncated",
     "header-lies",
+    "oversized",
     "nan",
     "pickle-only",
     "absent-targets",
@@ -164,7 +171,7 @@ def warm_engine(tmp_path_factory, tiny_transformer):
     from omni_engine.lora.synth import write_random_adapter
 
     good = write_random_adapter(tmp_path_factory.mktemp("good") / "good", tiny_transformer, seed=5)
-    omni = Omni("tiny-sd3", device="cpu", max_lora_rank=8)
+    omni = Omni("tiny-sd3", device="cpu", max_lora_rank=8, max_adapter_bytes=MAX_BYTES)
     request = LoRARequest("good", 1, str(good))
     expected = {
         "base": image_bytes(omni.generate("a cup", seed=4)[0]),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from fixtures.engine import image_bytes
 
-from omni_engine.errors import LoRACapacityError
+from omni_engine.errors import AdapterNotFoundError, LoRACapacityError
 from omni_engine.lora.lru import CacheFullError, LRUCache
 from omni_engine.lora.request import LoRARequest
 
@@ -121,6 +123,16 @@ def test_a_pinned_preloaded_adapter_can_be_refreshed_in_a_full_cache(omni_factor
     assert image_bytes(after) != image_bytes(before)
     [info] = omni.list_loras()
     assert info.pinned and info.resident and info.sha256 == after.metadata["lora"]["sha256"]
+
+
+def test_a_removed_adapter_fails_clearly_and_is_never_served_stale(omni_factory, make_adapter):
+    omni = omni_factory()
+    path = make_adapter("gone")
+    request = LoRARequest("gone", 1, str(path))
+    omni.generate("x", seed=1, lora_request=request)
+    shutil.rmtree(path)
+    with pytest.raises(AdapterNotFoundError, match="gone"):
+        omni.generate("x", seed=1, lora_request=request)
 
 
 def test_add_lora_holds_it_in_host_memory(omni_factory, make_adapter):
