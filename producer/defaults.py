@@ -23,6 +23,10 @@ ENV_MAX_LORAS = "OMNI_MAX_LORAS"
 ENV_MAX_CPU_LORAS = "OMNI_MAX_CPU_LORAS"
 ENV_VISIBILITY_TIMEOUT = "OMNI_VISIBILITY_TIMEOUT"
 ENV_WINDOW = "OMNI_WINDOW"
+ENV_MAX_ATTEMPTS = "OMNI_MAX_ATTEMPTS"
+
+# Redis keys the worker keeps beside the broker's own: how often a job was started unfinished.
+ATTEMPTS_KEY_PREFIX = "omni:attempts:"
 
 # Redis transport: ten priority lists per queue (kombu's default is four buckets), served
 # strictly highest first. kombu's Redis order is the reverse of a job's: broker 0 is the most

@@ -34,7 +34,12 @@ class GenerateTask(Task):
 def make_app(settings: WorkerSettings) -> Celery:
     app = Celery("omni-worker", set_as_current=False)
     config = celery_config(settings.broker_url, settings.result_backend)
-    config["broker_transport_options"]["visibility_timeout"] = settings.visibility_timeout_s
+    transport = config["broker_transport_options"]
+    transport["visibility_timeout"] = settings.visibility_timeout_s
+    # kombu sweeps for jobs whose worker died every interval x throttle seconds (100 s by default);
+    # sweep often enough that redelivery follows the visibility timeout closely.
+    transport["unacked_restore_interval"] = min(10, max(1, settings.visibility_timeout_s // 4))
+    transport["unacked_restore_throttle"] = 1
     config.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

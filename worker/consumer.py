@@ -30,6 +30,8 @@ from producer.defaults import DEFAULT_DATASET, SUBMITTED_AT_HEADER
 from producer.errors import InvalidStorageKeyError, JobValidationError, StorageError, StorageUnavailableError
 from producer.schema import validate_job
 from worker.adapters import AdapterResolver
+from worker.attempts import AttemptCounter
+from worker.errors import PoisonJobError
 from worker.execute import Result, WorkItem, batch_key, failure, generate_group, store_with_retry
 from worker.scheduler import Pending, SchedulerPolicy, next_group
 from worker.settings import WorkerSettings
@@ -62,6 +64,7 @@ class Grouper:
             adapter_roots=list(settings.adapter_roots),
         )
         self.resolver = AdapterResolver(settings.adapter_roots)
+        self.attempts = AttemptCounter(settings.broker_url)
         self.storages = StorageCache(settings.output_uri, settings.s3_endpoint_url)
         self.policy = SchedulerPolicy(max_batch=settings.max_batch, max_wait_s=settings.max_wait_s)
         self.window: list[Pending] = []
@@ -180,18 +183,35 @@ class Grouper:
         chosen = {p.job_id for p in group}
         self.window[:] = [p for p in self.window if p.job_id not in chosen]
         live = [p for p in group if not p.payload[0].revoked()]  # revoked meanwhile: acked by Celery
-        if not live:
+        starts = self.attempts.start(p.job_id for p in live)
+        runnable = []
+        for p in live:
+            if starts[p.job_id] > self.settings.max_attempts:
+                error = PoisonJobError(
+                    f"started {starts[p.job_id]} times without finishing (the worker died, or the outputs "
+                    "could not be stored, each time); it is not run again"
+                )
+                self._store([(p.payload[0], failure(p.payload[1], error))])
+            else:
+                runnable.append(p)
+        if not runnable:
             return
-        items = [p.payload[1] for p in live]
+        # A job started before and never finished runs alone: it cannot take a batch down with it.
+        retried = any(starts[p.job_id] > 1 for p in runnable)
+        for batch in [[p] for p in runnable] if retried else [runnable]:
+            self._generate(batch)
+
+    def _generate(self, batch: list[Pending]) -> None:
+        items = [p.payload[1] for p in batch]
         logger.debug(
-            "running %d job(s) for %s; %d left in the window", len(items), live[0].adapter, len(self.window)
+            "running %d job(s) for %s; %d left in the window", len(items), batch[0].adapter, len(self.window)
         )
         try:
             results = generate_group(self.engine, items)
         except Exception as e:  # not the job's own error: record it and keep serving
             logger.exception("omni-batch worker: a group of %d job(s) failed", len(items))
             results = [failure(item, e) for item in items]
-        self._store([(p.payload[0], result) for p, result in zip(live, results, strict=True)])
+        self._store([(p.payload[0], result) for p, result in zip(batch, results, strict=True)])
 
     # -- storing and acking --------------------------------------------------------------------
 
@@ -203,21 +223,24 @@ class Grouper:
         attempts, backoff = self.settings.store_attempts, self.settings.store_backoff_s
         return [store_with_retry(result, attempts=attempts, backoff_s=backoff) for result in results]
 
-    def harvest(self, *, wait: bool = False) -> None:
+    def harvest(self) -> None:
         """Ack what is stored, in order; on the consumer's thread, where the channel lives."""
-        while self.uploads and (wait or self.uploads[0][0].done()):
+        while self.uploads and self.uploads[0][0].done():
             future, pairs = self.uploads.popleft()
+            settled = []
             for (request, result), error in zip(pairs, future.result(), strict=True):
-                if error is None and result.ok:
-                    self._finish(request)
-                elif isinstance(error, StorageUnavailableError):
-                    logger.error(
-                        "job %s: storage still unreachable, back to the queue: %s", request.id, error
-                    )
+                if isinstance(error, StorageUnavailableError):
+                    # Its start stays counted: a job the storage never takes is bounded too.
+                    logger.error("job %s: storage unreachable, back to the queue: %s", request.id, error)
                     request.reject(requeue=True)
                     task_ready(request)
+                    continue
+                if error is None and result.ok:
+                    self._finish(request)
                 else:
                     self._fail(request, error or result.error)
+                settled.append(result.item.job.job_id)
+            self.attempts.finished(settled)
 
     def _finish(self, request: Any) -> None:
         request.acknowledge()

@@ -13,6 +13,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from omni_engine import Omni
 from omni_engine.errors import AdapterError, LoRACapacityError
 from omni_engine.lora.request import LoRARequest
@@ -20,6 +22,7 @@ from producer import outputs
 from producer.errors import StorageError, StorageUnavailableError
 from producer.schema import Job
 from producer.storage import Storage
+from worker.errors import OutOfMemoryError
 from worker.sidecar import encode, error_record, sidecar
 
 logger = logging.getLogger("omni.worker")
@@ -84,6 +87,15 @@ def generate_group(engine: Omni, items: list[WorkItem]) -> list[Result]:
     except PERMANENT_ERRORS as e:
         # The adapter or the parameters are bad for every job of the group, for good.
         return [failure(item, e) for item in items]
+    except torch.OutOfMemoryError:
+        if len(items) == 1:
+            return [failure(items[0], OutOfMemoryError("out of device memory even as a batch of one"))]
+        # Smaller batches need less memory: split, free what the failed call held, retry each half.
+        logger.warning("out of memory with a batch of %d; splitting it", len(items))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(items) // 2
+        return generate_group(engine, items[:half]) + generate_group(engine, items[half:])
 
     results = []
     for item, output in zip(items, generated, strict=True):

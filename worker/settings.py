@@ -25,6 +25,8 @@ DEFAULT_IDLE_S = 0.2
 # Storing a result: attempts when the storage is unreachable, and the first backoff (doubling).
 DEFAULT_STORE_ATTEMPTS = 6
 DEFAULT_STORE_BACKOFF_S = 0.5
+# Starts of one job that may end with the worker dead before it is failed as poison.
+DEFAULT_MAX_ATTEMPTS = 3
 
 
 def _int_env(name: str, default: int) -> int:
@@ -54,6 +56,7 @@ class WorkerSettings:
     idle_s: float = DEFAULT_IDLE_S
     store_attempts: int = DEFAULT_STORE_ATTEMPTS
     store_backoff_s: float = DEFAULT_STORE_BACKOFF_S
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
     @classmethod
     def from_env(cls, **overrides: object) -> WorkerSettings:
@@ -70,6 +73,7 @@ class WorkerSettings:
             "broker_url": os.environ.get(d.ENV_BROKER_URL) or d.DEFAULT_BROKER_URL,
             "result_backend": os.environ.get(d.ENV_RESULT_BACKEND) or None,
             "visibility_timeout_s": _int_env(d.ENV_VISIBILITY_TIMEOUT, DEFAULT_VISIBILITY_TIMEOUT_S),
+            "max_attempts": _int_env(d.ENV_MAX_ATTEMPTS, DEFAULT_MAX_ATTEMPTS),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["window"] < 1:

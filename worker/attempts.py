@@ -1,0 +1,53 @@
+"""How many times each job was started without finishing, kept in Redis beside the broker.
+
+A job that kills the worker process is redelivered, and would kill every worker forever. Each
+start is counted before the engine runs and forgotten once the job's outcome is stored, so a
+count above one means earlier runs died; above the limit the job is failed, not run again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import redis
+
+from producer.defaults import ATTEMPTS_KEY_PREFIX
+
+logger = logging.getLogger("omni.worker")
+
+# Counts outlive any redelivery delay (the visibility timeout) but not forever.
+ATTEMPTS_TTL_S = 7 * 24 * 3600
+
+
+class AttemptCounter:
+    def __init__(self, broker_url: str) -> None:
+        # Only a Redis broker has somewhere to keep the counts; elsewhere nothing is bounded.
+        self._redis = (
+            redis.Redis.from_url(broker_url) if broker_url.startswith(("redis://", "rediss://")) else None
+        )
+
+    def start(self, job_ids: Iterable[str]) -> dict[str, int]:
+        """Count one more start of each job; returns each job's starts, this one included."""
+        job_ids = list(job_ids)
+        if self._redis is None or not job_ids:
+            return dict.fromkeys(job_ids, 1)
+        try:
+            pipe = self._redis.pipeline()
+            for job_id in job_ids:
+                pipe.incr(ATTEMPTS_KEY_PREFIX + job_id)
+                pipe.expire(ATTEMPTS_KEY_PREFIX + job_id, ATTEMPTS_TTL_S)
+            counts = pipe.execute()[::2]
+        except redis.RedisError as e:
+            logger.warning("cannot count job starts (%s); running without the bound", e)
+            return dict.fromkeys(job_ids, 1)
+        return dict(zip(job_ids, counts, strict=True))
+
+    def finished(self, job_ids: Iterable[str]) -> None:
+        job_ids = list(job_ids)
+        if self._redis is None or not job_ids:
+            return
+        try:
+            self._redis.delete(*(ATTEMPTS_KEY_PREFIX + job_id for job_id in job_ids))
+        except redis.RedisError as e:
+            logger.warning("cannot clear job start counts (%s)", e)

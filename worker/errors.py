@@ -1,0 +1,15 @@
+"""The worker's own failures (the engine's and the producer's have their own bases)."""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Base of the errors the worker records against a job."""
+
+
+class PoisonJobError(WorkerError):
+    """The job was started again and again and never finished: each time, the worker died."""
+
+
+class OutOfMemoryError(WorkerError):
+    """The job does not fit in device memory even alone."""
