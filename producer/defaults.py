@@ -24,6 +24,7 @@ ENV_MAX_CPU_LORAS = "OMNI_MAX_CPU_LORAS"
 ENV_VISIBILITY_TIMEOUT = "OMNI_VISIBILITY_TIMEOUT"
 ENV_WINDOW = "OMNI_WINDOW"
 ENV_MAX_ATTEMPTS = "OMNI_MAX_ATTEMPTS"
+ENV_MAX_BATCH = "OMNI_MAX_BATCH"
 
 # Redis keys the worker keeps beside the broker's own: how often a job was started unfinished.
 ATTEMPTS_KEY_PREFIX = "omni:attempts:"

@@ -40,6 +40,8 @@ def make_app(settings: WorkerSettings) -> Celery:
     # sweep often enough that redelivery follows the visibility timeout closely.
     transport["unacked_restore_interval"] = min(10, max(1, settings.visibility_timeout_s // 4))
     transport["unacked_restore_throttle"] = 1
+    if settings.broker_url.startswith("redis://"):
+        config["broker_transport"] = "worker.redis_transport:Transport"
     config.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -2,7 +2,7 @@
 
 A job that kills the worker process is redelivered, and would kill every worker forever. Each
 start is counted before the engine runs and forgotten once the job's outcome is stored, so a
-count above one means earlier runs died; above the limit the job is failed, not run again.
+count left over means earlier runs died; at the limit the job is failed, not run again.
 """
 
 from __future__ import annotations
@@ -27,21 +27,31 @@ class AttemptCounter:
             redis.Redis.from_url(broker_url) if broker_url.startswith(("redis://", "rediss://")) else None
         )
 
-    def start(self, job_ids: Iterable[str]) -> dict[str, int]:
-        """Count one more start of each job; returns each job's starts, this one included."""
+    def previous(self, job_ids: Iterable[str]) -> dict[str, int]:
+        """How many times each job was started before and did not finish."""
         job_ids = list(job_ids)
         if self._redis is None or not job_ids:
-            return dict.fromkeys(job_ids, 1)
+            return dict.fromkeys(job_ids, 0)
+        try:
+            counts = self._redis.mget([ATTEMPTS_KEY_PREFIX + job_id for job_id in job_ids])
+        except redis.RedisError as e:
+            logger.warning("cannot read job start counts (%s); running without the bound", e)
+            return dict.fromkeys(job_ids, 0)
+        return {job_id: int(count or 0) for job_id, count in zip(job_ids, counts, strict=True)}
+
+    def start(self, job_ids: Iterable[str]) -> None:
+        """Count one more start of each job, just before the engine runs it."""
+        job_ids = list(job_ids)
+        if self._redis is None or not job_ids:
+            return
         try:
             pipe = self._redis.pipeline()
             for job_id in job_ids:
                 pipe.incr(ATTEMPTS_KEY_PREFIX + job_id)
                 pipe.expire(ATTEMPTS_KEY_PREFIX + job_id, ATTEMPTS_TTL_S)
-            counts = pipe.execute()[::2]
+            pipe.execute()
         except redis.RedisError as e:
             logger.warning("cannot count job starts (%s); running without the bound", e)
-            return dict.fromkeys(job_ids, 1)
-        return dict(zip(job_ids, counts, strict=True))
 
     def finished(self, job_ids: Iterable[str]) -> None:
         job_ids = list(job_ids)

@@ -63,6 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.add_argument("--out", metavar="URI", help="default output (default: $OMNI_OUTPUT_URI)")
     worker.add_argument("--max-loras", type=int)
     worker.add_argument("--max-cpu-loras", type=int)
+    worker.add_argument(
+        "--max-batch",
+        type=int,
+        help="jobs per pipeline call (default: $OMNI_MAX_BATCH or 8; 1 makes every image independent "
+        "of what it was batched with, bit for bit)",
+    )
     worker.add_argument("--window", type=int, help="jobs reserved for grouping (default: $OMNI_WINDOW or 64)")
     worker.add_argument(
         "--idle", type=float, dest="idle_s", help="seconds without arrivals before a group runs"
@@ -138,6 +144,7 @@ def _settings(args: argparse.Namespace, **extra: object):
         max_cpu_loras=args.max_cpu_loras,
         window=args.window,
         output_uri=args.out,
+        max_batch=getattr(args, "max_batch", None),
         **extra,
     )
 

@@ -68,7 +68,9 @@ class Grouper:
         self.storages = StorageCache(settings.output_uri, settings.s3_endpoint_url)
         self.policy = SchedulerPolicy(max_batch=settings.max_batch, max_wait_s=settings.max_wait_s)
         self.window: list[Pending] = []
-        self.uploads: deque[tuple[Future, list[tuple[Any, Result]]]] = deque()
+        # Each upload remembers the connection its messages came on (see `attach`).
+        self.uploads: deque[tuple[Future, list[tuple[Any, Result]], int]] = deque()
+        self.connection_epoch = 0
         self.uploader = ThreadPoolExecutor(1, thread_name_prefix="omni-store")
         self.last_arrival = time.monotonic()
         self._timer = None
@@ -79,6 +81,9 @@ class Grouper:
         """A new connection: requests buffered on the old one are Redis's to redeliver."""
         if self._timer is not None:
             self._timer.cancel()
+        # Messages of the old connection can no longer be acked; Redis redelivers them, and those
+        # stored meanwhile are skipped then, as done.
+        self.connection_epoch += 1
         for pending in self.window:
             task_ready(pending.payload[0])
         self.window.clear()
@@ -183,13 +188,13 @@ class Grouper:
         chosen = {p.job_id for p in group}
         self.window[:] = [p for p in self.window if p.job_id not in chosen]
         live = [p for p in group if not p.payload[0].revoked()]  # revoked meanwhile: acked by Celery
-        starts = self.attempts.start(p.job_id for p in live)
+        previous = self.attempts.previous(p.job_id for p in live)
         runnable = []
         for p in live:
-            if starts[p.job_id] > self.settings.max_attempts:
+            if previous[p.job_id] >= self.settings.max_attempts:
                 error = PoisonJobError(
-                    f"started {starts[p.job_id]} times without finishing (the worker died, or the outputs "
-                    "could not be stored, each time); it is not run again"
+                    f"started {previous[p.job_id]} times without finishing (the worker died, or the "
+                    "outputs could not be stored, each time); it is not run again"
                 )
                 self._store([(p.payload[0], failure(p.payload[1], error))])
             else:
@@ -197,8 +202,9 @@ class Grouper:
         if not runnable:
             return
         # A job started before and never finished runs alone: it cannot take a batch down with it.
-        retried = any(starts[p.job_id] > 1 for p in runnable)
+        retried = any(previous[p.job_id] for p in runnable)
         for batch in [[p] for p in runnable] if retried else [runnable]:
+            self.attempts.start(p.job_id for p in batch)
             self._generate(batch)
 
     def _generate(self, batch: list[Pending]) -> None:
@@ -217,7 +223,7 @@ class Grouper:
 
     def _store(self, pairs: list[tuple[Any, Result]]) -> None:
         results = [result for _, result in pairs]
-        self.uploads.append((self.uploader.submit(self._store_all, results), pairs))
+        self.uploads.append((self.uploader.submit(self._store_all, results), pairs, self.connection_epoch))
 
     def _store_all(self, results: list[Result]) -> list[StorageError | None]:
         attempts, backoff = self.settings.store_attempts, self.settings.store_backoff_s
@@ -226,9 +232,14 @@ class Grouper:
     def harvest(self) -> None:
         """Ack what is stored, in order; on the consumer's thread, where the channel lives."""
         while self.uploads and self.uploads[0][0].done():
-            future, pairs = self.uploads.popleft()
+            future, pairs, epoch = self.uploads.popleft()
             settled = []
             for (request, result), error in zip(pairs, future.result(), strict=True):
+                if epoch != self.connection_epoch:
+                    task_ready(request)
+                    if error is None:
+                        settled.append(result.item.job.job_id)
+                    continue
                 if isinstance(error, StorageUnavailableError):
                     # Its start stays counted: a job the storage never takes is bounded too.
                     logger.error("job %s: storage unreachable, back to the queue: %s", request.id, error)

@@ -74,6 +74,7 @@ class WorkerSettings:
             "result_backend": os.environ.get(d.ENV_RESULT_BACKEND) or None,
             "visibility_timeout_s": _int_env(d.ENV_VISIBILITY_TIMEOUT, DEFAULT_VISIBILITY_TIMEOUT_S),
             "max_attempts": _int_env(d.ENV_MAX_ATTEMPTS, DEFAULT_MAX_ATTEMPTS),
+            "max_batch": _int_env(d.ENV_MAX_BATCH, DEFAULT_MAX_BATCH),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["window"] < 1:

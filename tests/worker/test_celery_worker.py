@@ -4,13 +4,11 @@ HTTP (moto's server), the tiny model and real adapters. Nothing is mocked."""
 from __future__ import annotations
 
 import json
-import time
 from datetime import UTC, datetime, timedelta
 
-import pytest
 from celery import Celery
 from celery.result import AsyncResult
-from fixtures.redis_server import queued_messages
+from fixtures.worker_process import ADAPTERS, wait_done, wait_drained, worker_flags
 
 from producer import outputs
 from producer.client import Client
@@ -20,38 +18,9 @@ from producer.storage import open_storage
 from worker.embedded import run_jobs
 from worker.settings import WorkerSettings
 
-ADAPTERS = [f"style-{i}" for i in range(6)]
 # The grouping bound: one cold load per adapter, plus this much slack for a window that starts
 # a group before every job has been reserved.
 LOAD_SLACK = 2
-
-
-def _worker_flags(redis_url: str, root, out: str, *extra: str) -> list[str]:
-    return [
-        "--broker", redis_url, "--adapter-root", str(root), "--out", out,
-        "--max-loras", "1", "--max-cpu-loras", "1", "--window", "64", "--idle", "1.0", *extra,
-    ]  # fmt: skip
-
-
-def _wait_done(storage, dataset: str, jobs, timeout: float = 300):
-    status = wait_for_jobs(storage, dataset, frozenset(j.job_id for j in jobs), timeout=timeout, interval=0.2)
-    assert status.pending == 0, f"{status.pending} job(s) never finished"
-    return status
-
-
-def _wait_drained(redis_client, timeout: float = 120) -> None:
-    """Until no message is queued or reserved: the worker has taken and settled every one."""
-    deadline = time.monotonic() + timeout
-    while queued_messages(redis_client, "omni") or redis_client.hlen("unacked"):
-        assert time.monotonic() < deadline, "messages still queued or unacked"
-        time.sleep(0.1)  # polling a condition with a deadline
-
-
-@pytest.fixture
-def six_adapters(make_adapter, tmp_path):
-    for name in ADAPTERS:
-        make_adapter(name)
-    return tmp_path / "adapters"
 
 
 def test_interleaved_jobs_are_grouped_and_match_the_embedded_runner(
@@ -64,10 +33,10 @@ def test_interleaved_jobs_are_grouped_and_match_the_embedded_runner(
     ]
     with Client(redis_url) as client:
         client.submit_many(jobs)
-    start_worker(*_worker_flags(redis_url, six_adapters, s3_bucket.uri))
+    start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri))
 
     storage = open_storage(s3_bucket.uri)
-    status = _wait_done(storage, "e2e", jobs)
+    status = wait_done(storage, "e2e", jobs)
     assert status.done == 60 and status.failed == 0
 
     sidecars = [json.loads(storage.get_bytes(outputs.sidecar_key("e2e", j.job_id))) for j in jobs]
@@ -117,7 +86,7 @@ def test_bad_jobs_fail_clearly_and_every_other_job_succeeds(
             task_id=late.job_id,
             expires=datetime.now(UTC) - timedelta(minutes=1),
         )
-    start_worker(*_worker_flags(redis_url, six_adapters, s3_bucket.uri))
+    start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri))
 
     storage = open_storage(s3_bucket.uri)
     expected = [*good, unknown]
@@ -135,7 +104,7 @@ def test_bad_jobs_fail_clearly_and_every_other_job_succeeds(
     assert "no-such-style" in missing["error"]
     bad_size = json.loads(storage.get_bytes(outputs.error_key("mixed", "raw-bad-size")))
     assert bad_size["error_type"] == "JobValidationError" and "width" in bad_size["error"]
-    _wait_drained(redis_server.client())
+    wait_drained(redis_server.client())
     assert not any(late.job_id in key for key in storage.list_keys("mixed/")), "an expired job ran"
 
     # With a result backend, a failed job is also Celery's FAILURE, with the reason.
@@ -152,14 +121,14 @@ def test_a_job_sent_twice_and_a_finished_dataset_generate_nothing_more(
     ]
     with Client(redis_url) as client:
         client.submit_many([jobs[0], jobs[0]])
-        start_worker(*_worker_flags(redis_url, six_adapters, s3_bucket.uri))
+        start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri))
         storage = open_storage(s3_bucket.uri)
-        _wait_done(storage, "again", jobs[:1])
+        wait_done(storage, "again", jobs[:1])
         client.submit_many(jobs)
-        _wait_done(storage, "again", jobs)
+        wait_done(storage, "again", jobs)
         first = {j.job_id: storage.get_bytes(outputs.sidecar_key("again", j.job_id)) for j in jobs}
 
         client.submit_many(jobs)  # the whole dataset again
-        _wait_drained(redis_server.client())
+        wait_drained(redis_server.client())
     # Every sidecar carries its run's timings: unchanged bytes mean nothing was generated again.
     assert {j.job_id: storage.get_bytes(outputs.sidecar_key("again", j.job_id)) for j in jobs} == first

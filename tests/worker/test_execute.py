@@ -1,20 +1,24 @@
-"""Storing a result while the S3 server is down: kept bytes, backoff, then stored when it returns."""
+"""A group's execution under faults: storage down (kept bytes, backoff), a batch out of memory."""
 
 from __future__ import annotations
 
 import json
 import logging
 import threading
+from io import BytesIO
 
 import boto3
+import torch
 from fixtures.redis_server import free_port
 from moto.server import ThreadedMotoServer
+from PIL import Image
 
+from omni_engine import Omni
 from producer import outputs
 from producer.errors import StorageUnavailableError
 from producer.schema import validate_job
 from producer.storage import open_storage
-from worker.execute import Result, WorkItem, store_with_retry
+from worker.execute import Result, WorkItem, generate_group, store_with_retry
 
 # s3_server: the session's fake credentials; the servers here are the tests' own, to stop and start.
 
@@ -75,3 +79,25 @@ def test_the_retry_budget_ends_with_a_clear_error(s3_server):
     error = store_with_retry(_result(storage), attempts=2, backoff_s=0.01)
     assert isinstance(error, StorageUnavailableError)
     assert "never-there" in str(error) or endpoint in str(error)
+
+
+def test_a_batch_that_runs_out_of_memory_is_split_and_every_job_completes(tmp_path):
+    # A GPU's out-of-memory error cannot happen on this CPU machine, so a forward hook raises the
+    # very exception torch raises on a GPU whenever the transformer sees more than one image
+    # (classifier-free guidance doubles the batch).
+    engine = Omni("tiny-sd3")
+    storage = open_storage(str(tmp_path / "out"))
+    items = [WorkItem(validate_job({"prompt": f"oom {i}", "dataset": "ds"}), None, storage) for i in range(4)]
+    alone = [engine.generate(i.job.prompt, seed=i.job.seed)[0].images[0].tobytes() for i in items]
+
+    def too_big(module, args, kwargs):
+        if kwargs["hidden_states"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    hook = engine.pipeline.transformer.register_forward_pre_hook(too_big, with_kwargs=True)
+    try:
+        results = generate_group(engine, items)
+    finally:
+        hook.remove()
+    assert [r.ok for r in results] == [True] * 4
+    assert [Image.open(BytesIO(r.image)).tobytes() for r in results] == alone, "split into batches of one"

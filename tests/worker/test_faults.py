@@ -1,0 +1,220 @@
+"""Faults on real processes: workers killed and stopped, Redis and S3 going away, poison jobs.
+
+Every test starts its own servers so it can kill them. Workers here use a visibility timeout of a
+few seconds so that a dead worker's jobs come back quickly; production uses 7200 s (see README).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import textwrap
+import time
+
+import boto3
+import pytest
+from fixtures.redis_server import free_port, queued_messages
+from fixtures.worker_process import ADAPTERS, wait_done, worker_flags
+from moto.server import ThreadedMotoServer
+
+from omni_engine import Omni
+from producer import outputs
+from producer.client import Client
+from producer.errors import BrokerUnavailableError
+from producer.schema import validate_job
+from producer.storage import open_storage
+from worker.embedded import run_jobs
+from worker.settings import WorkerSettings
+
+SHORT_VISIBILITY_S = "4"
+
+
+@pytest.fixture
+def short_visibility(monkeypatch):
+    monkeypatch.setenv("OMNI_VISIBILITY_TIMEOUT", SHORT_VISIBILITY_S)
+
+
+def _jobs(dataset: str, count: int) -> list:
+    return [
+        validate_job({"prompt": f"{dataset} {i}", "adapter": ADAPTERS[i % 3], "dataset": dataset})
+        for i in range(count)
+    ]
+
+
+def _wait_for(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)  # polling a condition with a deadline
+
+
+# Batched float math depends on what a job is batched with, by a unit in the last place; a job
+# run again after a crash lands in another batch. One job per call makes every image independent
+# of scheduling, so a rerun writes the very same bytes.
+ONE_PER_CALL = ("--max-batch", "1")
+
+
+def _assert_each_once_with_the_right_bytes(storage, jobs, adapter_root, tmp_path) -> None:
+    """One image and one sidecar per job, and the image is, byte for byte, what a clean run makes."""
+    keys = set(storage.list_keys(f"{jobs[0].dataset}/"))
+    for job in jobs:
+        assert outputs.sidecar_key(job.dataset, job.job_id) in keys
+        assert outputs.error_key(job.dataset, job.job_id) not in keys
+    images = [k for k in keys if k.endswith(outputs.IMAGE_SUFFIX)]
+    assert len(images) == len(jobs)
+    reference = str(tmp_path / "reference")
+    settings = WorkerSettings(
+        adapter_roots=(str(adapter_root),), max_loras=1, max_cpu_loras=1, max_batch=1, output_uri=reference
+    )
+    engine = Omni("tiny-sd3", max_loras=1, max_cpu_loras=1, adapter_roots=[str(adapter_root)])
+    run_jobs(jobs, engine=engine, settings=settings)
+    clean = open_storage(reference)
+    for job in jobs:
+        key = outputs.image_key(job.dataset, job.job_id)
+        assert storage.get_bytes(key) == clean.get_bytes(key), job.job_id
+
+
+def test_kill_9_mid_group_loses_nothing_and_duplicates_nothing(
+    redis_url, s3_bucket, six_adapters, start_worker, short_visibility, tmp_path
+):
+    jobs = _jobs("killed", 24)
+    with Client(redis_url) as client:
+        client.submit_many(jobs)
+    storage = open_storage(s3_bucket.uri)
+    first = start_worker(
+        *worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL)
+    )
+    _wait_for(lambda: any(k.endswith(".json") for k in storage.list_keys("killed/")), "a first sidecar")
+    first.stop(signal.SIGKILL)
+
+    start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL))
+    wait_done(storage, "killed", jobs)
+    _assert_each_once_with_the_right_bytes(storage, jobs, six_adapters, tmp_path)
+
+
+def test_warm_shutdown_returns_buffered_jobs_at_once(
+    redis_url, redis_server, s3_bucket, six_adapters, start_worker
+):
+    jobs = _jobs("buffered", 5)
+    with Client(redis_url) as client:
+        client.submit_many(jobs)
+    # Never idle long enough to run a group: every job stays buffered, reserved but not started.
+    worker = start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "3600"))
+    redis = redis_server.client()
+    _wait_for(lambda: redis.hlen("unacked") == 5 and not queued_messages(redis, "omni"), "all 5 reserved")
+
+    assert worker.stop(signal.SIGTERM) == 0
+    # The visibility timeout is 7200 s here: only the shutdown can have put them back.
+    _wait_for(lambda: len(queued_messages(redis, "omni")) == 5, "the jobs back in the queue", timeout=15)
+    assert redis.hlen("unacked") == 0
+    assert not any(storage_key.endswith(".png") for storage_key in open_storage(s3_bucket.uri).list_keys())
+
+
+def test_redis_restart_with_persistence_keeps_queued_jobs_and_workers_reconnect(
+    redis_server_factory, s3_bucket, six_adapters, start_worker, short_visibility, tmp_path
+):
+    redis = redis_server_factory(persistent=True)
+    jobs = _jobs("restart", 12)
+    with Client(redis.url) as client:
+        client.submit_many(jobs)
+    redis.kill()
+    # While Redis is down a producer gets a clear error, never a silent loss.
+    with Client(redis.url) as client, pytest.raises(BrokerUnavailableError, match=r"127\.0\.0\.1"):
+        client.submit_many(_jobs("restart-late", 1))
+    redis.start()
+    assert len(queued_messages(redis.client(), "omni")) == 12, "the append-only file kept the queue"
+
+    storage = open_storage(s3_bucket.uri)
+    start_worker(*worker_flags(redis.url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL))
+    _wait_for(lambda: any(k.endswith(".json") for k in storage.list_keys("restart/")), "a first sidecar")
+    redis.kill()
+    redis.start()  # same port: the worker reconnects on its own
+    wait_done(storage, "restart", jobs)
+    _assert_each_once_with_the_right_bytes(storage, jobs, six_adapters, tmp_path)
+
+
+def test_s3_outage_is_waited_out_without_regenerating(
+    redis_url, six_adapters, start_worker, s3_server, monkeypatch
+):
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    s3.start()
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="outage")
+    s3.stop()
+
+    jobs = _jobs("outage", 4)
+    with Client(redis_url) as client:
+        client.submit_many(jobs)
+    flags = worker_flags(redis_url, six_adapters, "s3://outage/out", "--idle", "0.2", "--loglevel", "DEBUG")
+    monkeypatch.setenv("OMNI_S3_ENDPOINT_URL", endpoint)
+    worker = start_worker(*flags)
+    _wait_for(lambda: "retry" in worker.log, "a failed store and its retry")
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    s3.start()
+    try:
+        wait_done(open_storage("s3://outage/out", endpoint_url=endpoint), "outage", jobs)
+    finally:
+        s3.stop()
+    runs = sum(int(n) for n in re.findall(r"running (\d+) job\(s\)", worker.log))
+    assert runs == len(jobs), f"{runs} generations for {len(jobs)} jobs: some were generated again"
+
+
+CRASH_HOOK = textwrap.dedent(
+    """
+    # Test-only: a GPU driver crash cannot be produced on purpose, so a job whose prompt says so
+    # kills its worker process with SIGKILL, as a segfault would.
+    import os, signal
+    from omni_engine import engine
+
+    _generate = engine.Omni.generate
+
+    def generate(self, prompt, **kwargs):
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if any("crash the worker" in p for p in prompts):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _generate(self, prompt, **kwargs)
+
+    engine.Omni.generate = generate
+    """
+)
+
+
+def test_a_poison_job_is_failed_after_a_bound_and_the_rest_complete(
+    redis_url, s3_bucket, six_adapters, start_worker, short_visibility, monkeypatch, tmp_path
+):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(CRASH_HOOK)
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    monkeypatch.setenv("OMNI_MAX_ATTEMPTS", "2")
+    poison = validate_job({"prompt": "please crash the worker", "dataset": "poison"})
+    good = [validate_job({"prompt": f"fine {i}", "dataset": "poison"}) for i in range(3)]
+    with Client(redis_url) as client:
+        client.submit_many([poison, *good])
+
+    storage = open_storage(s3_bucket.uri)
+    expected = frozenset(j.job_id for j in [poison, *good])
+
+    def settled() -> bool:
+        return {
+            outputs.classify_key(k).job_id for k in storage.list_keys("poison/") if k.endswith(".json")
+        } >= expected
+
+    crashes = 0
+    while True:
+        worker = start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "0.2"))
+        _wait_for(
+            lambda w=worker: w.proc.poll() is not None or settled(), "a crash or every job settled", 180
+        )
+        if worker.proc.poll() is None:
+            break
+        crashes += 1
+        assert crashes <= 5, "the poison job was redelivered without bound"
+    assert crashes == 2, "one crash per start, up to the bound of 2 starts"
+
+    record = json.loads(storage.get_bytes(outputs.error_key("poison", poison.job_id)))
+    assert record["error_type"] == "PoisonJobError" and "not run again" in record["error"]
+    for job in good:
+        assert storage.exists(outputs.sidecar_key("poison", job.job_id))
