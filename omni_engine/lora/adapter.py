@@ -97,7 +97,7 @@ def read_adapter(
     if config_file is not None:
         try:
             raw_config = json.loads(read_capped(config_file, MAX_CONFIG_BYTES, adapter=name))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, huge ints, deep nesting
             raise InvalidAdapterError(name, f"{CONFIG_FILE} is not valid JSON: {e}") from e
         config = AdapterConfig.from_dict(raw_config, adapter=name, source=CONFIG_FILE)
     elif DIFFUSERS_METADATA_KEY in weights.metadata:
@@ -129,7 +129,7 @@ def _diffusers_metadata(raw: str, component: str, *, adapter: str) -> dict:
     """diffusers writes the config unprefixed (model save) or prefixed by component (pipeline save)."""
     try:
         data = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         raise InvalidAdapterError(adapter, f"{DIFFUSERS_METADATA_KEY} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise InvalidAdapterError(adapter, f"{DIFFUSERS_METADATA_KEY} is not a JSON object")

@@ -27,6 +27,8 @@ UNSUPPORTED_UNLESS = {
 
 
 _MODULE_PATH = re.compile(r"[A-Za-z0-9_.-]+")
+MAX_PATTERN_KEYS = 4096
+MAX_PATTERN_KEY_CHARS = 512
 
 
 def _lora_config_fields() -> frozenset[str]:
@@ -88,15 +90,19 @@ class AdapterConfig:
             problems.append("alpha_pattern must map module patterns to finite numbers")
 
         for name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
-            # PEFT uses these keys as regular expressions: only literal module paths are accepted,
-            # so a config cannot make the engine raise re.error or backtrack forever.
+            # PEFT uses these keys as regular expressions: only literal module paths of bounded
+            # length and number are accepted, so a config cannot raise re.error or stall matching.
+            keys = list(pattern) if isinstance(pattern, dict) else []
             bad = [
-                k
-                for k in (pattern if isinstance(pattern, dict) else {})
-                if not _MODULE_PATH.fullmatch(str(k))
+                k for k in keys if not (_MODULE_PATH.fullmatch(str(k)) and len(k) <= MAX_PATTERN_KEY_CHARS)
             ]
             if bad:
-                problems.append(f"{name} keys must be module paths ([A-Za-z0-9_.-]), got {bad[:3]!r}")
+                problems.append(
+                    f"{name} keys must be module paths ([A-Za-z0-9_.-], at most {MAX_PATTERN_KEY_CHARS} "
+                    f"characters), got {bad[:3]!r}"
+                )
+            if len(keys) > MAX_PATTERN_KEYS:
+                problems.append(f"{name} has {len(keys)} keys; at most {MAX_PATTERN_KEYS} are accepted")
 
         if problems:
             raise InvalidAdapterError(adapter, f"{source}: " + "; ".join(problems))
@@ -109,10 +115,11 @@ class AdapterConfig:
         )
 
     def rank_for(self, module: str) -> int:
-        from peft.utils.other import get_pattern_key
-
-        key = get_pattern_key(list(self.rank_pattern), module)
-        return self.rank_pattern.get(key, self.r)
+        """PEFT's rule, with keys taken literally: the first key that is the module path's tail."""
+        for key, rank in self.rank_pattern.items():
+            if module == key or module.endswith("." + key):
+                return rank
+        return self.r
 
     def peft_kwargs(self, modules: list[str]) -> dict[str, Any]:
         """LoraConfig arguments that target exactly these modules, nothing more."""
@@ -120,8 +127,9 @@ class AdapterConfig:
             "r": self.r,
             "lora_alpha": self.lora_alpha,
             "use_rslora": self.use_rslora,
-            "rank_pattern": dict(self.rank_pattern),
-            "alpha_pattern": dict(self.alpha_pattern),
+            # Escaped, so PEFT's regex match means what `rank_for` means.
+            "rank_pattern": {re.escape(k): v for k, v in self.rank_pattern.items()},
+            "alpha_pattern": {re.escape(k): v for k, v in self.alpha_pattern.items()},
             # A string is matched in full by PEFT; a list would also match any module whose path
             # merely ends with a listed one.
             "target_modules": "|".join(re.escape(module) for module in sorted(modules)),
@@ -132,4 +140,9 @@ class AdapterConfig:
 
 
 def _finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False

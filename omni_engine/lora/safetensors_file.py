@@ -64,7 +64,7 @@ def _check_layout(data: bytes, *, path: Path, adapter: str) -> dict[str, str]:
         )
     try:
         header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, huge ints, deep nesting
         raise fail(f"header is not JSON ({e})") from e
     if not isinstance(header, dict):
         raise fail("header is not a JSON object")
@@ -78,7 +78,7 @@ def _check_layout(data: bytes, *, path: Path, adapter: str) -> dict[str, str]:
         if not isinstance(entry, dict):
             raise fail(f"entry {name!r} is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise fail(
                 f"tensor {name!r} has dtype {dtype!r}; LoRA weights must be one of {sorted(DTYPE_SIZES)}"
             )
