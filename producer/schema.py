@@ -176,6 +176,17 @@ def derive_seed(job_id: str) -> int:
     return int(hashlib.sha256(job_id.encode()).hexdigest()[:16], 16) & d.MAX_SEED
 
 
+def redact_credentials(value: Any) -> Any:
+    """The value with any `user:password@` in its strings masked, for records of refused jobs."""
+    if isinstance(value, str):
+        return _USERINFO_RE.sub("://***@", value)
+    if isinstance(value, dict):
+        return {redact_credentials(k): redact_credentials(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_credentials(v) for v in value]
+    return value
+
+
 def _short(value: Any) -> str:
     text = _USERINFO_RE.sub("://***@", repr(value))
     return text if len(text) <= _VALUE_REPR_CHARS else text[: _VALUE_REPR_CHARS - 3] + "..."

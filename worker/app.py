@@ -55,5 +55,9 @@ def make_app(settings: WorkerSettings) -> Celery:
     )
     app.conf.update(config)
     app.register_task(GenerateTask())
+    # Only omni.generate is served: Celery's built-in tasks (chords, groups, map...) sent to the
+    # queue would otherwise run, fan out or retry forever.
+    for name in [name for name in app.tasks if name != d.TASK_NAME]:
+        app.tasks.unregister(name)
     app.omni_settings = settings
     return app

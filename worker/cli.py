@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -156,6 +157,9 @@ def worker_command(args: argparse.Namespace) -> int:
     from worker.app import make_app
 
     quiet_library_output()
+    # HTTP client logs carry request headers, and so the access key id, even at DEBUG.
+    for library in ("botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(library).setLevel(max(logging.INFO, logging.getLogger(library).level))
     settings = _settings(args, broker_url=args.broker, idle_s=args.idle_s)
     app = make_app(settings)
     app.worker_main(

@@ -28,7 +28,7 @@ from omni_engine.errors import AdapterError
 from producer import outputs
 from producer.defaults import DEFAULT_DATASET, SUBMITTED_AT_HEADER
 from producer.errors import InvalidStorageKeyError, JobValidationError, StorageError, StorageUnavailableError
-from producer.schema import validate_job
+from producer.schema import redact_credentials, validate_job
 from worker.adapters import AdapterResolver
 from worker.attempts import AttemptCounter
 from worker.errors import PoisonJobError
@@ -71,6 +71,8 @@ class Grouper:
         # Each upload remembers the connection its messages came on (see `attach`).
         self.uploads: deque[tuple[Future, list[tuple[Any, Result]], int]] = deque()
         self.connection_epoch = 0
+        # Every job admitted and not yet settled, with any further deliveries of it.
+        self.held: dict[str, list[Any]] = {}
         self.uploader = ThreadPoolExecutor(1, thread_name_prefix="omni-store")
         self.last_arrival = time.monotonic()
         self._timer = None
@@ -87,6 +89,7 @@ class Grouper:
         for pending in self.window:
             task_ready(pending.payload[0])
         self.window.clear()
+        self.held.clear()
         app = self.app
         Request = create_request_cls(
             symbol_by_name(task.Request),
@@ -97,7 +100,7 @@ class Grouper:
             app=app,
         )
 
-        def on_message(message, body, ack, reject, callbacks, **kwargs):
+        def decode(message, body, ack, reject):
             # As celery.worker.strategy.default decodes a message, for every protocol version.
             if body is None and "args" not in message.payload:
                 body, headers, decoded, utc = message.body, message.headers, False, app.uses_utc_timezone()
@@ -105,7 +108,7 @@ class Grouper:
                 body, headers, decoded, utc = hybrid_to_proto2(message, message.payload)
             else:
                 body, headers, decoded, utc = proto1_to_proto2(message, body)
-            request = Request(
+            return Request(
                 message,
                 on_ack=ack,
                 on_reject=reject,
@@ -119,10 +122,22 @@ class Grouper:
                 decoded=decoded,
                 utc=utc,
             )
+
+        def on_message(message, body, ack, reject, callbacks, **kwargs):
+            try:
+                request = decode(message, body, ack, reject)
+            except Exception as e:  # not a task message at all: dropped, or it would kill every worker
+                logger.error("dropped a malformed omni.generate message: %s: %s", type(e).__name__, e)
+                reject(logger, consumer.connection_errors, False)
+                return
             if (request.expires or request.id in revoked_tasks) and request.revoked():
                 return  # revoked or expired: Celery acked it and recorded why
             task_reserved(request)
-            self.receive(request)
+            try:
+                self.receive(request)
+            except Exception as e:  # one bad message must not take the consumer down
+                logger.exception("job %s: unexpected error on receipt", request.id)
+                self._fail(request, e)
 
         self._timer = consumer.timer.call_repeatedly(TICK_S, self.tick, priority=10)
         return on_message
@@ -161,16 +176,27 @@ class Grouper:
             done = storage.exists(outputs.sidecar_key(job.dataset, job.job_id))
         except StorageUnavailableError:
             done = False  # the store step retries; at worst a job is generated again
-        if done or any(p.job_id == job.job_id for p in self.window):
-            self._finish(request)  # already done, or the same job twice: outputs exist once
+        except StorageError as e:  # no such bucket, access denied: nothing to retry
+            self._fail(request, e)
+            return None
+        if done:
+            self._finish(request)  # its outputs exist: a redelivery, or the same job sent again
+            return None
+        if job.job_id in self.held:
+            # Delivered again while held (the visibility timeout passed, or it was sent twice): this
+            # delivery is settled with the first, never before, or a crash meanwhile would lose both.
+            self.held[job.job_id].append(request)
+            logger.debug("job %s delivered again while held", job.job_id)
             return None
         try:
             lora_request = self.resolver.resolve(job.adapter) if job.adapter else None
         except AdapterError as e:
+            self.held[job.job_id] = []
             self._store([(request, failure(WorkItem(job, None, storage), e))])
             return None
         submitted_at = request.message.headers.get(SUBMITTED_AT_HEADER)
         item = WorkItem(job, lora_request, storage, submitted_at if isinstance(submitted_at, float) else None)
+        self.held[job.job_id] = []
         return Pending(
             job_id=job.job_id,
             adapter=lora_request.lora_path if lora_request else None,
@@ -187,7 +213,13 @@ class Grouper:
         )
         chosen = {p.job_id for p in group}
         self.window[:] = [p for p in self.window if p.job_id not in chosen]
-        live = [p for p in group if not p.payload[0].revoked()]  # revoked meanwhile: acked by Celery
+        live = []
+        for p in group:
+            if p.payload[0].revoked():  # revoked meanwhile: Celery acked it; settle its other deliveries
+                for extra in self.held.pop(p.job_id, []):
+                    self._finish(extra)
+            else:
+                live.append(p)
         previous = self.attempts.previous(p.job_id for p in live)
         runnable = []
         for p in live:
@@ -235,22 +267,28 @@ class Grouper:
             future, pairs, epoch = self.uploads.popleft()
             settled = []
             for (request, result), error in zip(pairs, future.result(), strict=True):
+                job_id = result.item.job.job_id
                 if epoch != self.connection_epoch:
+                    # Delivered on a connection that is gone: Redis redelivers; stored ones are skipped.
                     task_ready(request)
                     if error is None:
-                        settled.append(result.item.job.job_id)
+                        settled.append(job_id)
                     continue
+                deliveries = [request, *self.held.pop(job_id, [])]
                 if isinstance(error, StorageUnavailableError):
                     # Its start stays counted: a job the storage never takes is bounded too.
                     logger.error("job %s: storage unreachable, back to the queue: %s", request.id, error)
-                    request.reject(requeue=True)
-                    task_ready(request)
+                    for delivery in deliveries:
+                        delivery.reject(requeue=True)
+                        task_ready(delivery)
                     continue
                 if error is None and result.ok:
                     self._finish(request)
                 else:
                     self._fail(request, error or result.error)
-                settled.append(result.item.job.job_id)
+                for extra in deliveries[1:]:
+                    self._finish(extra)
+                settled.append(job_id)
             self.attempts.finished(settled)
 
     def _finish(self, request: Any) -> None:
@@ -269,7 +307,7 @@ class Grouper:
 
     def _reject_invalid(self, request: Any, raw: Any, error: Exception) -> None:
         """A message that is no valid job: recorded under the worker's own output, never the job's."""
-        data = raw if isinstance(raw, dict) else {}
+        data = redact_credentials(raw) if isinstance(raw, dict) else {}
         try:
             key = outputs.error_key(
                 str(data.get("dataset", DEFAULT_DATASET)), str(data.get("job_id", request.id))

@@ -93,6 +93,27 @@ def test_kill_9_mid_group_loses_nothing_and_duplicates_nothing(
     _assert_each_once_with_the_right_bytes(storage, jobs, six_adapters, tmp_path)
 
 
+def test_a_job_redelivered_while_held_is_not_lost_when_the_worker_dies(
+    redis_url, s3_bucket, six_adapters, start_worker, monkeypatch, tmp_path
+):
+    # Held longer than the visibility timeout, the jobs come back to the same worker while it still
+    # holds them; acking those deliveries early would lose the jobs when the worker then dies.
+    monkeypatch.setenv("OMNI_VISIBILITY_TIMEOUT", "2")
+    jobs = _jobs("held", 5)
+    with Client(redis_url) as client:
+        client.submit_many(jobs)
+    holder = start_worker(
+        *worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "3600", "--loglevel", "DEBUG")
+    )
+    _wait_for(lambda: "delivered again while held" in holder.log, "a redelivery to the holding worker")
+    holder.stop(signal.SIGKILL)
+
+    start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL))
+    storage = open_storage(s3_bucket.uri)
+    wait_done(storage, "held", jobs, timeout=120)
+    _assert_each_once_with_the_right_bytes(storage, jobs, six_adapters, tmp_path)
+
+
 def test_warm_shutdown_returns_buffered_jobs_at_once(
     redis_url, redis_server, s3_bucket, six_adapters, start_worker
 ):
