@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
 
 from omni_engine.lora.adapter import DEFAULT_MAX_ADAPTER_BYTES
+from omni_engine.lora.fusion import FuseMode, fused
 from omni_engine.lora.manager import LoRAInfo, LoRAManager
 from omni_engine.lora.request import LoRARequest
 from omni_engine.models.loader import load_model, resolve_device
 from omni_engine.outputs import OmniRequestOutput
 
 MAX_SEED = 2**63 - 1
+# Under fuse="auto", a call with at least this many images x steps merges its adapter: merging
+# and restoring cost about what the unfused LoRA layers add to this many image-steps
+# (bench/tax.py; the rule depends only on the call itself, never on what it was grouped with).
+FUSE_MIN_IMAGE_STEPS = 4
 VERSIONED_PACKAGES = ("omni-batch", "torch", "diffusers", "peft", "transformers")
 
 
@@ -55,7 +61,12 @@ class Omni:
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+        fuse: FuseMode | str = FuseMode.AUTO,
     ) -> None:
+        try:
+            self.fuse = FuseMode(fuse)
+        except ValueError:
+            raise ValueError(f"fuse must be one of {[m.value for m in FuseMode]}, got {fuse!r}") from None
         self.device, self.dtype = resolve_device(device, dtype)
         self._model = load_model(model, device=self.device, dtype=self.dtype)
         self._lora = LoRAManager(
@@ -138,10 +149,15 @@ class Omni:
             if value is not None:
                 call[key] = value
 
-        with self._lock:
-            # 2. Activate the adapter (a switch if resident, a load otherwise).
+        with self._lock, contextlib.ExitStack() as merged:
+            # 2. Activate the adapter (a switch if resident, a load otherwise), or merge it into
+            #    the weights for this call (fused: restored exactly when the call ends).
             started = time.perf_counter()
-            adapter, source = self._lora.activate(lora_request, float(lora_scale))
+            fuse = lora_request is not None and lora_scale != 0.0 and self._fuses(len(prompts), steps)
+            activation = self._lora.activate(lora_request, float(lora_scale), fuse=fuse)
+            adapter, source = activation.adapter, activation.source
+            if fuse:
+                merged.enter_context(fused(self._model.denoiser, adapter, float(lora_scale)))
             adapter_s = time.perf_counter() - started
 
             # 3. Denoise, one generator per prompt so batching never changes an image.
@@ -164,6 +180,7 @@ class Omni:
             "lora": lora,
             "lora_scale": float(lora_scale),
             "adapter_source": source,
+            "fused": fuse,
             "num_inference_steps": steps,
             "guidance_scale": guidance,
             "height": height,
@@ -173,7 +190,7 @@ class Omni:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "versions": dict(self._versions),
-            "timings": {"adapter_s": adapter_s, "generate_s": generate_s},
+            "timings": {"adapter_s": adapter_s, "stall_s": activation.stall_s, "generate_s": generate_s},
         }
         return [
             OmniRequestOutput(prompt=p, images=[image], metadata={"seed": s, **shared})
@@ -185,6 +202,20 @@ class Omni:
         with self._lock:
             self._lora.add(lora_request)
             return True
+
+    def prefetch_loras(self, lora_requests: Iterable[LoRARequest]) -> None:
+        """Start reading and checking adapters that calls will soon need, on a background thread.
+
+        Returns at once. A later call for one of them waits for no disk read (or only for the
+        rest of one in flight), and reports `adapter_source="disk"` since its files were read.
+        """
+        with self._lock:
+            self._lora.prefetch(lora_requests)
+
+    def close(self) -> None:
+        """Stop background reads. The engine stays usable; reads are then made by each call."""
+        with self._lock:
+            self._lora.close()
 
     def remove_lora(self, lora_int_id: int) -> bool:
         with self._lock:
@@ -199,7 +230,7 @@ class Omni:
         with self._lock:
             return self._lora.list()
 
-    def lora_stats(self) -> dict[str, int]:
+    def lora_stats(self) -> dict[str, int | float]:
         with self._lock:
             return self._lora.stats_dict()
 
@@ -207,6 +238,12 @@ class Omni:
         """Canonical paths of (resident, held) adapters: what a scheduler needs to order work."""
         with self._lock:
             return self._lora.held_keys()
+
+    def _fuses(self, images: int, steps: int | None) -> bool:
+        """AUTO: merge when the call has enough image-steps to repay the merge (docs/performance.md)."""
+        if self.fuse is FuseMode.AUTO:
+            return images * (steps or 1) >= FUSE_MIN_IMAGE_STEPS
+        return self.fuse is FuseMode.ALWAYS
 
     def _generator_device(self) -> str:
         return "cpu" if self.device.type == "mps" else self.device.type

@@ -135,3 +135,29 @@ def next_group(
 def next_fifo(pending: Sequence[Pending]) -> list[Pending]:
     """The baseline a worker without grouping follows: the earliest arrival alone (ties by job id)."""
     return [min(pending, key=lambda job: (job.arrived, job.job_id))] if pending else []
+
+
+def upcoming_cold_adapters(
+    pending: Sequence[Pending],
+    *,
+    resident: Collection[str],
+    host: Collection[str],
+    now: float,
+    policy: SchedulerPolicy,
+    limit: int,
+) -> list[str]:
+    """The cold adapters the next groups will need, in the order `next_group` would pick them.
+
+    What a worker reads ahead while the current group computes: the window is played forward
+    with each chosen adapter counted as held from then on, until `limit` cold ones are found.
+    """
+    remaining, held, found = list(pending), {*resident, *host}, []
+    while remaining and len(found) < limit:
+        group = next_group(remaining, resident=resident, host=held, now=now, policy=policy)
+        adapter = group[0].adapter
+        if adapter is not None and adapter not in held:
+            found.append(adapter)
+            held.add(adapter)
+        chosen = {job.job_id for job in group}
+        remaining = [job for job in remaining if job.job_id not in chosen]
+    return found

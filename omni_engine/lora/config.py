@@ -121,6 +121,13 @@ class AdapterConfig:
                 return rank
         return self.r
 
+    def alpha_for(self, module: str) -> float:
+        """The module's lora_alpha, by the same rule as `rank_for`."""
+        for key, alpha in self.alpha_pattern.items():
+            if module == key or module.endswith("." + key):
+                return alpha
+        return self.lora_alpha
+
     def peft_kwargs(self, modules: list[str]) -> dict[str, Any]:
         """LoraConfig arguments that target exactly these modules, nothing more."""
         return {

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from omni_engine.lora.adapter import (
 from omni_engine.lora.layers import adaptable_layers, check_compatible
 from omni_engine.lora.lru import LRUCache
 from omni_engine.lora.paths import canonical_roots
+from omni_engine.lora.prefetch import Prefetcher
 from omni_engine.lora.request import LoRARequest
 
 # Where the adapter of a call came from (CONTRACT section 4, `adapter_source`).
@@ -48,10 +51,22 @@ class LoRAStats:
     resident_evictions: int = 0
     host_evictions: int = 0
     load_failures: int = 0
+    prefetched: int = 0  # disk loads whose read was done ahead of the call, off its critical path
+    stall_s: float = 0.0  # time calls waited for adapter files (a read, or a prefetch in flight)
 
     @property
     def evictions(self) -> int:
         return self.resident_evictions + self.host_evictions
+
+
+@dataclass(frozen=True)
+class Activation:
+    """What `activate` did: the adapter (None: the base model), where it came from, how long the
+    call waited for its files."""
+
+    adapter: LoRAAdapter | None
+    source: str | None
+    stall_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -104,22 +119,52 @@ class LoRAManager:
         self._names = (f"omni_{i}" for i in itertools.count())
         self._active: object = None  # None (LoRA off), (model adapter name, scale), or _UNKNOWN
         self._last_activated: str | None = None
+        self._prefetcher = Prefetcher(self._read, capacity=max_cpu_loras)
+        self._stall_s = 0.0
         self.stats = LoRAStats()
 
     # -- public operations -------------------------------------------------------------------
 
-    def activate(self, request: LoRARequest | None, scale: float) -> tuple[LoRAAdapter | None, str | None]:
-        """Make the request's adapter the only active one at `scale` (None or 0.0: the base model)."""
+    def activate(self, request: LoRARequest | None, scale: float, *, fuse: bool = False) -> Activation:
+        """Make the request's adapter the only active one at `scale` (None or 0.0: the base model).
+
+        With `fuse`, the adapter is only held, not injected, and the model's LoRA layers are off:
+        the caller merges it into the weights for the call (`fusion.fused`).
+        """
         if request is None:
             self._apply(None)
-            return None, None
-        adapter, source = self._acquire(request, resident=True)
-        self._apply(None if scale == 0.0 else (self._resident.get(adapter.key), scale))
-        return adapter, source
+            return Activation(None, None)
+        fuse = fuse and scale != 0.0
+        self._stall_s = 0.0
+        adapter, source = self._acquire(request, resident=not fuse)
+        self._apply(None if fuse or scale == 0.0 else (self._resident.get(adapter.key), scale))
+        return Activation(adapter, source, self._stall_s)
+
+    def prefetch(self, requests: Iterable[LoRARequest]) -> None:
+        """Read and check these adapters in the background, unless held as they are on disk now.
+
+        A request that cannot be resolved is skipped: the call that needs it reports the error.
+        """
+        wanted = []
+        for request in requests:
+            try:
+                directory, sig = signature(request.lora_path, self._roots, adapter=request.lora_name)
+            except AdapterError:
+                continue
+            key = self._by_path.get(str(directory))
+            held = self._held.get(key) if key is not None else None
+            if held is None or held.signature != sig:
+                wanted.append(request)
+        if wanted:
+            self._prefetcher.want(wanted)
+
+    def close(self) -> None:
+        """Stop the background reads."""
+        self._prefetcher.close()
 
     def add(self, request: LoRARequest) -> LoRAAdapter:
         """Read and hold an adapter in host memory without injecting it."""
-        adapter, _ = self._acquire(request, resident=False)
+        adapter, _ = self._acquire(request, resident=False, use=False)
         return adapter
 
     def preload(self, path: str) -> LoRAAdapter:
@@ -165,7 +210,7 @@ class LoRAManager:
             )
         return infos
 
-    def stats_dict(self) -> dict[str, int]:
+    def stats_dict(self) -> dict[str, int | float]:
         return {
             **dataclasses.asdict(self.stats),
             "evictions": self.stats.evictions,
@@ -181,8 +226,9 @@ class LoRAManager:
     # -- tiers -------------------------------------------------------------------------------
 
     def _acquire(
-        self, request: LoRARequest, *, resident: bool, record_id: bool = True
+        self, request: LoRARequest, *, resident: bool, use: bool = True, record_id: bool = True
     ) -> tuple[LoRAAdapter, str]:
+        """Hold the adapter (injected too if `resident`); `use` counts the call's hit in the stats."""
         name = request.lora_name
         try:
             directory, sig = signature(request.lora_path, self._roots, adapter=name)
@@ -192,7 +238,7 @@ class LoRAManager:
                 adapter, replacing = held, None
                 source = SOURCE_RESIDENT if key in self._resident else SOURCE_HOST
             else:
-                adapter = self._read(request)
+                adapter = self._read_now(request, sig)
                 source = SOURCE_DISK
                 # Older content read from this directory makes room for the new when it goes.
                 replacing = key if key != adapter.key else None
@@ -209,9 +255,9 @@ class LoRAManager:
         if source == SOURCE_DISK:
             pinned = self._admit(adapter)
             self.stats.disk_loads += 1
-        elif source == SOURCE_HOST and resident:
+        elif source == SOURCE_HOST and use:
             self.stats.cpu_hits += 1
-        elif source == SOURCE_RESIDENT and resident:
+        elif source == SOURCE_RESIDENT and use:
             self.stats.gpu_hits += 1
         if name is not None:
             self._resident.put(adapter.key, name)
@@ -223,6 +269,24 @@ class LoRAManager:
         if record_id:
             self._ids[request.lora_int_id] = adapter.key
         return adapter, source
+
+    def _read_now(self, request: LoRARequest, sig: object) -> LoRAAdapter:
+        """The adapter as it is on disk now: prefetched if a read was started and is still current."""
+        started = time.perf_counter()
+        try:
+            ahead = self._prefetcher.take(request.lora_path)
+            if ahead is not None:
+                try:
+                    adapter = ahead.result()
+                except Exception:
+                    adapter = None  # read again below, so the error (if any) is today's
+                if adapter is not None and adapter.signature == sig:
+                    self.stats.prefetched += 1
+                    return adapter
+            return self._read(request)
+        finally:
+            self._stall_s += time.perf_counter() - started
+            self.stats.stall_s += time.perf_counter() - started
 
     def _read(self, request: LoRARequest) -> LoRAAdapter:
         adapter = read_adapter(

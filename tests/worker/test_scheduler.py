@@ -246,3 +246,21 @@ def test_the_earliest_overdue_job_always_runs_next(
     group = next_group(window, resident=resident, host=host, now=now, policy=policy)
     if overdue:
         assert policy.deadline(group[0]) == min(overdue)
+
+
+def test_upcoming_cold_adapters_follow_the_order_groups_will_run_in() -> None:
+    from worker.scheduler import upcoming_cold_adapters
+
+    pending = [
+        *(job(f"a{i}", "a", arrived=0.0) for i in range(2)),
+        *(job(f"b{i}", "b", arrived=0.0) for i in range(5)),
+        *(job(f"c{i}", "c", arrived=0.0) for i in range(3)),
+        job("h0", "held", arrived=0.0),
+        job("n0", None, arrived=0.0),
+    ]
+    ahead = upcoming_cold_adapters(pending, resident=(), host={"held"}, now=0.0, policy=POLICY, limit=2)
+    # Held and base-model jobs need no read; cold ones go by jobs waiting, as next_group picks them.
+    assert ahead == ["b", "c"]
+    everything = upcoming_cold_adapters(pending, resident=(), host={"held"}, now=0.0, policy=POLICY, limit=9)
+    assert everything == ["b", "c", "a"]
+    assert upcoming_cold_adapters([], resident=(), host=(), now=0.0, policy=POLICY, limit=2) == []
