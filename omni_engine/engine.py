@@ -17,9 +17,10 @@ from omni_engine.lora.adapter import DEFAULT_MAX_ADAPTER_BYTES
 from omni_engine.lora.manager import LoRAInfo, LoRAManager
 from omni_engine.lora.request import LoRARequest
 from omni_engine.models.loader import load_model, resolve_device
+from omni_engine.models.presets import DEFAULT_MODEL
 from omni_engine.outputs import OmniRequestOutput
+from producer.defaults import MAX_SEED
 
-MAX_SEED = 2**63 - 1
 VERSIONED_PACKAGES = ("omni-batch", "torch", "diffusers", "peft", "transformers")
 
 
@@ -45,7 +46,7 @@ class Omni:
 
     def __init__(
         self,
-        model: str = "tiny-sd3",
+        model: str = DEFAULT_MODEL,
         *,
         lora_path: str | None = None,
         max_loras: int = 4,

@@ -30,11 +30,7 @@ from omni_engine.lora.layers import adaptable_layers, check_compatible
 from omni_engine.lora.lru import LRUCache
 from omni_engine.lora.paths import canonical_roots
 from omni_engine.lora.request import LoRARequest
-
-# Where the adapter of a call came from (CONTRACT section 4, `adapter_source`).
-SOURCE_DISK = "disk"
-SOURCE_HOST = "host"
-SOURCE_RESIDENT = "resident"
+from omni_engine.lora.source import AdapterSource
 
 _UNKNOWN = object()  # the model's active-adapter state after an injection: must be set again
 
@@ -190,10 +186,10 @@ class LoRAManager:
             held = self._held.get(key) if key is not None else None
             if held is not None and held.signature == sig:
                 adapter, replacing = held, None
-                source = SOURCE_RESIDENT if key in self._resident else SOURCE_HOST
+                source = AdapterSource.RESIDENT if key in self._resident else AdapterSource.HOST
             else:
                 adapter = self._read(request)
-                source = SOURCE_DISK
+                source = AdapterSource.DISK
                 # Older content read from this directory makes room for the new when it goes.
                 replacing = key if key != adapter.key else None
             _check_room(self._held, adapter.key, replacing, "host slots (max_cpu_loras)")
@@ -206,12 +202,12 @@ class LoRAManager:
             raise
 
         pinned = False
-        if source == SOURCE_DISK:
+        if source == AdapterSource.DISK:
             pinned = self._admit(adapter)
             self.stats.disk_loads += 1
-        elif source == SOURCE_HOST and resident:
+        elif source == AdapterSource.HOST and resident:
             self.stats.cpu_hits += 1
-        elif source == SOURCE_RESIDENT and resident:
+        elif source == AdapterSource.RESIDENT and resident:
             self.stats.gpu_hits += 1
         if name is not None:
             self._resident.put(adapter.key, name)
