@@ -25,10 +25,10 @@ from fixtures.worker_process import WorkerProcess
 
 from omni_engine.lora.synth import write_random_adapter
 from omni_engine.models.loader import load_model, quiet_library_output
-from producer import outputs
+from producer import layout
 from producer.client import Client
+from producer.progress import wait_for_jobs
 from producer.schema import validate_job
-from producer.status_cli import wait_for_jobs
 from producer.storage import open_storage
 
 
@@ -52,7 +52,7 @@ def run(window: int, *, jobs, model: str, adapters: Path, workdir: Path) -> dict
     finally:
         redis.stop()
     assert status.done == len(jobs), f"window {window}: {status.done} of {len(jobs)} done"
-    sidecars = [json.loads(storage.get_bytes(outputs.sidecar_key(j.dataset, j.job_id))) for j in jobs]
+    sidecars = [json.loads(storage.get_bytes(layout.sidecar_key(j.dataset, j.job_id))) for j in jobs]
     # The jobs of one engine call share its timings exactly: one call, one entry.
     calls = {
         (s["adapter_sha256"], s["timings"]["adapter_s"], s["timings"]["generate_s"]): s for s in sidecars

@@ -6,11 +6,11 @@ Simulated, not measured: jobs arrive over time (seeded exponential gaps), the wo
 window of W jobs as room frees, `worker.scheduler` picks each group from the window, and an LRU model of
 the engine's adapter cache (R adapters resident in the model, H held in host memory, resident ones
 included, as the engine counts them; a host hit is promoted to resident) says what each group costs.
-Costs are fixed simulated seconds of roughly SDXL size (DESIGN.md: about 4.2 s to load a LoRA against
-about 7 s end to end), so waits mean something: a job's wait runs from its enqueueing to the start of
-its pipeline call, any load included. The minimum number of cold loads for a workload is the number of
-distinct adapters in it. FIFO runs one job at a time in arrival order, so its figures do not depend on
-the window. Prints a Markdown table.
+Costs are fixed simulated seconds of roughly SDXL size (about 4.2 s to load a LoRA against about 7 s
+end to end: docs/architecture.md), so waits mean something: a job's wait runs from its enqueueing to
+the start of its pipeline call, any load included. The minimum number of cold loads for a workload is
+the number of distinct adapters in it. FIFO runs one job at a time in arrival order, so its figures do
+not depend on the window. Prints a Markdown table.
 """
 
 import argparse

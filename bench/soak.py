@@ -29,10 +29,10 @@ from fixtures.worker_process import WorkerProcess, worker_flags
 
 from omni_engine.lora.synth import write_random_adapter
 from omni_engine.models.loader import load_model, quiet_library_output
-from producer import outputs
+from producer import layout
 from producer.client import Client
+from producer.progress import dataset_status
 from producer.schema import validate_job
-from producer.status_cli import dataset_status
 from producer.storage import open_storage
 
 DEADLINE_S = 1800
@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
 
         status = dataset_status(storage, "soak", expected)
         keys = set(storage.list_keys("soak/"))
-        images = sum(k.endswith(outputs.IMAGE_SUFFIX) for k in keys)
+        images = sum(k.endswith(layout.IMAGE_SUFFIX) for k in keys)
         generations = sum(int(n) for log in logs for n in re.findall(r"running (\d+) job\(s\)", log))
-        sidecars = [outputs.sidecar_key("soak", j.job_id) for j in jobs]
+        sidecars = [layout.sidecar_key("soak", j.job_id) for j in jobs]
         waits = [json.loads(storage.get_bytes(k))["timings"]["queue_wait_s"] for k in sidecars if k in keys]
     print(
         "| jobs in | images out | sidecars | error records | without sidecar | extra generations | "

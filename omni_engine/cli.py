@@ -12,10 +12,12 @@ import re
 import sys
 from collections import Counter
 
-DEFAULT_MODEL = "tiny-sd3"
+from omni_engine.models.presets import DEFAULT_MODEL
+from producer.settings import ENV_MODEL, read_environment
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `adapters` command (entry point `omni_batch.commands:adapters`)."""
     adapters = subparsers.add_parser("adapters", help="inspect LoRA adapters")
     commands = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
     validate = commands.add_parser("validate", help="check an adapter against a model, print what it targets")
@@ -23,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     validate.add_argument(
         "--model",
         default=None,
-        help=f"model id, directory or preset (default: $OMNI_MODEL or {DEFAULT_MODEL})",
+        help=f"model id, directory or preset (default: ${ENV_MODEL} or {DEFAULT_MODEL})",
     )
     validate.add_argument("--max-lora-rank", type=int, default=256)
     validate.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -39,7 +41,7 @@ def validate_command(args: argparse.Namespace) -> int:
     from omni_engine.models.loader import load_model, quiet_library_output
 
     quiet_library_output()
-    model_id = args.model or os.environ.get("OMNI_MODEL") or DEFAULT_MODEL
+    model_id = args.model or read_environment().model or DEFAULT_MODEL
     name = os.path.basename(os.path.normpath(args.directory)) or args.directory
     try:
         model = load_model(model_id, device=torch.device("cpu"), dtype=torch.float32)

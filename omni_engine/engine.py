@@ -15,13 +15,15 @@ from typing import Any
 import torch
 
 from omni_engine.lora.adapter import DEFAULT_MAX_ADAPTER_BYTES
-from omni_engine.lora.fusion import FuseMode, fused
+from omni_engine.lora.fuse_mode import FuseMode
+from omni_engine.lora.fusion import fused
 from omni_engine.lora.manager import LoRAInfo, LoRAManager
 from omni_engine.lora.request import LoRARequest
 from omni_engine.models.loader import load_model, resolve_device
+from omni_engine.models.presets import DEFAULT_MODEL
 from omni_engine.outputs import OmniRequestOutput
+from producer.defaults import MAX_SEED
 
-MAX_SEED = 2**63 - 1
 # Under fuse="auto", a call with at least this many images x steps merges its adapter: merging
 # and restoring cost about what the unfused LoRA layers add to this many image-steps
 # (bench/tax.py; the rule depends only on the call itself, never on what it was grouped with).
@@ -51,7 +53,7 @@ class Omni:
 
     def __init__(
         self,
-        model: str = "tiny-sd3",
+        model: str = DEFAULT_MODEL,
         *,
         lora_path: str | None = None,
         max_loras: int = 4,

@@ -1,9 +1,11 @@
-"""The `omni-batch` command line.
+"""The `omni-batch` command line: the entry point, and what its commands share.
 
 The producer side owns the entry point because it is the plain install. Every subcommand,
-its own included, registers through the `omni_batch.commands` entry-point group, so this
-module never imports the engine or the worker: a command whose extra is not installed is
-still listed and says what to install.
+its own included, registers through the `omni_batch.commands` entry-point group (one entry a
+command), so this module never imports the engine or the worker: a command whose extra is not
+installed is still listed and says what to install. Commands that read a job file (submit, run,
+status, wait) take the same default flags through `add_job_default_flags` and `read_jobs`.
+Heavy imports (celery, pydantic, torch) wait for a handler, so building the parser stays fast.
 """
 
 from __future__ import annotations
@@ -12,6 +14,14 @@ import argparse
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+from producer import defaults as d
+from producer.errors import UsageError
+from producer.settings import ENV_OUTPUT_URI
+
+if TYPE_CHECKING:
+    from producer.jobfile import JobFile
 
 ENTRY_POINT_GROUP = "omni_batch.commands"
 
@@ -22,8 +32,54 @@ EXIT_USAGE = 2
 Handler = Callable[[argparse.Namespace], int]
 
 
-class UsageError(Exception):
-    """Bad usage or bad input: printed without a traceback, exit code 2."""
+# Flags that give a default to lines lacking the field: (field, type, help).
+JOB_DEFAULT_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("dataset", str, f"dataset name (schema default: {d.DEFAULT_DATASET})"),
+    ("adapter", str, "adapter name under the worker's adapter roots (schema default: none, the base model)"),
+    ("scale", float, "adapter scale, -8..8 (schema default: 1.0)"),
+    ("steps", int, "inference steps, 1..200 (schema default: the model's)"),
+    ("guidance_scale", float, "guidance scale, 0..50 (schema default: the model's)"),
+    ("width", int, "image width, a multiple of 8 in 8..4096 (schema default: the model's)"),
+    ("height", int, "image height, a multiple of 8 in 8..4096 (schema default: the model's)"),
+    ("priority", int, f"0..9, 9 = most urgent (schema default: {d.DEFAULT_PRIORITY})"),
+    ("output", str, f"s3://bucket/prefix or a directory (schema default: the worker's ${ENV_OUTPUT_URI})"),
+)
+
+
+def add_job_default_flags(parser: argparse.ArgumentParser, *, require_dataset: bool = False) -> None:
+    """`--dataset`, `--adapter`, ...: defaults for lines that lack the field.
+
+    Every command that reads a job file takes them all, since each field shapes a job's derived id:
+    `status --scale 2` finds the jobs that `submit --scale 2` sent.
+    """
+    group = parser.add_argument_group("defaults for lines that lack the field")
+    for field, kind, text in JOB_DEFAULT_FLAGS:
+        flag = "--" + field.replace("_", "-")
+        required = require_dataset and field == "dataset"
+        group.add_argument(
+            flag, dest=field, type=kind, metavar=field.split("_")[-1].upper(), help=text, required=required
+        )
+
+
+def job_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """The default flags the user gave, checked as a job would be (UsageError if one is bad)."""
+    from producer.errors import JobValidationError
+    from producer.schema import validate_job
+
+    defaults = {field: getattr(args, field) for field, _, _ in JOB_DEFAULT_FLAGS}
+    defaults = {field: value for field, value in defaults.items() if value is not None}
+    try:
+        validate_job({"prompt": "-", **defaults})
+    except JobValidationError as e:
+        raise UsageError(f"bad default flag: {e}") from e
+    return defaults
+
+
+def read_jobs(args: argparse.Namespace, path: str, *, action: str) -> JobFile:
+    """Every job of the file at `path` with the default flags applied (JobFileError if any is bad)."""
+    from producer.jobfile import read_job_file
+
+    return read_job_file(path, job_defaults(args), action=action)
 
 
 def _missing_extra(name: str, error: ImportError) -> Callable[[argparse._SubParsersAction], None]:

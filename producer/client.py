@@ -7,8 +7,6 @@ same dict, so both sides agree on serialisation, queue and the order of the prio
 from __future__ import annotations
 
 import contextlib
-import os
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -19,7 +17,9 @@ from kombu.exceptions import OperationalError
 
 from producer import defaults as d
 from producer.errors import BrokerUnavailableError
+from producer.redact import redact
 from producer.schema import Job
+from producer.settings import read_environment
 
 # Messages buffered per Redis round trip; progress is reported after each.
 PUBLISH_CHUNK = 500
@@ -27,14 +27,6 @@ PUBLISH_CHUNK = 500
 _BatchPublishError = getattr(kombu.exceptions, "BatchPublishError", OperationalError)
 # Reaching the broker before sending anything: one try and two quick retries (0.1 s, 0.3 s).
 CONNECT_RETRIES = 2
-
-_URL_PASSWORD_RE = re.compile(r"(://[^:/@;]*:)[^@/;]*@")
-_QUERY_PASSWORD_RE = re.compile(r"([?&;]password=)[^&;]*", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password masked, fit for messages and logs."""
-    return _QUERY_PASSWORD_RE.sub(r"\1***", _URL_PASSWORD_RE.sub(r"\1***@", url))
 
 
 def broker_priority(job_priority: int) -> int:
@@ -69,8 +61,8 @@ class Client:
     """Sends jobs to the `omni` queue. Fire and forget: results are read from storage, not Celery."""
 
     def __init__(self, broker_url: str | None = None) -> None:
-        self.broker_url = broker_url or os.environ.get(d.ENV_BROKER_URL) or d.DEFAULT_BROKER_URL
-        self.safe_broker_url = redact_url(self.broker_url)
+        self.broker_url = broker_url or read_environment().broker_url
+        self.safe_broker_url = redact(self.broker_url)
         self.app = Celery("omni-producer", set_as_current=False)
         self.app.conf.update(celery_config(self.broker_url))
         with self.app.connection_for_write() as connection:  # builds the transport, connects nothing

@@ -1,4 +1,7 @@
-"""Every default, name and key layout the producer and the worker must agree on."""
+"""Every default, name and limit the producer, the worker and the engine must agree on.
+
+The environment variables live in `producer.settings`, the output keys in `producer.layout`.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +14,6 @@ DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 DEFAULT_DATASET = "default"
 DEFAULT_PRIORITY = 5
 MAX_PRIORITY = 9
-
-# Environment variables (CONTRACT section 6). Flags win over these.
-ENV_BROKER_URL = "OMNI_BROKER_URL"
-ENV_RESULT_BACKEND = "OMNI_RESULT_BACKEND"
-ENV_OUTPUT_URI = "OMNI_OUTPUT_URI"
-ENV_S3_ENDPOINT_URL = "OMNI_S3_ENDPOINT_URL"
-ENV_MODEL = "OMNI_MODEL"
-ENV_ADAPTER_ROOTS = "OMNI_ADAPTER_ROOTS"
-ENV_MAX_LORAS = "OMNI_MAX_LORAS"
-ENV_MAX_CPU_LORAS = "OMNI_MAX_CPU_LORAS"
-ENV_VISIBILITY_TIMEOUT = "OMNI_VISIBILITY_TIMEOUT"
-ENV_WINDOW = "OMNI_WINDOW"
-ENV_MAX_ATTEMPTS = "OMNI_MAX_ATTEMPTS"
-ENV_MAX_BATCH = "OMNI_MAX_BATCH"
 
 # Redis keys the worker keeps beside the broker's own: how often a job was started unfinished.
 ATTEMPTS_KEY_PREFIX = "omni:attempts:"
@@ -46,7 +35,7 @@ BROKER_TRANSPORT_OPTIONS = MappingProxyType(
 )
 SUBMITTED_AT_HEADER = "omni_submitted_at"
 
-# Limits of a job (CONTRACT section 3).
+# Limits of a job (the schema enforces them; the engine accepts the same seeds).
 MAX_NAME_LENGTH = 128
 MAX_PROMPT_LENGTH = 2000
 MAX_ADAPTER_LENGTH = 256

@@ -7,6 +7,22 @@ class ProducerError(Exception):
     """Base of every error the producer raises on purpose."""
 
 
+class UsageError(ProducerError):
+    """Bad usage or bad input (a flag, a setting, a job file): the CLI prints it and exits 2."""
+
+
+class SettingsError(UsageError, ValueError):
+    """A setting (an environment variable or a flag) that cannot be used; the message names it."""
+
+
+class JobFileError(UsageError, ValueError):
+    """A job file with bad lines, or none. `problems` names each line and what is wrong with it."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        self.problems = list(problems or [])
+        super().__init__(message)
+
+
 class JobValidationError(ProducerError, ValueError):
     """A job breaks the schema. `problems` lists every violation, each naming field, value, reason."""
 

@@ -1,4 +1,4 @@
-"""The job: one image to generate (CONTRACT section 3).
+"""The job: one image to generate, its fields, defaults, limits and derived id and seed.
 
 The producer and the worker validate with the same `Job.model_validate`, so a job sent by any
 Celery client, with optional fields missing, gets the same defaults, the same derived `job_id`
@@ -12,20 +12,16 @@ import json
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from producer import defaults as d
 from producer.errors import JobValidationError
+from producer.layout import name_problem
+from producer.output_uri import parse_output_uri
+from producer.redact import redact
 
-_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 _ADAPTER_RE = re.compile(r"[A-Za-z0-9._/-]+")
-_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
-_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_IPV4_RE = re.compile(r"\d+\.\d+\.\d+\.\d+")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-_USERINFO_RE = re.compile(r"://[^/@?#]*@")
 
 # Fields that do not change the image or where it is stored, so they stay out of the derived id.
 _NOT_IN_IDENTITY = frozenset({"job_id", "priority"})
@@ -41,10 +37,9 @@ def _utf8(value: str) -> str:
 
 
 def _name(value: str) -> str:
-    if not _NAME_RE.fullmatch(value):
-        raise ValueError("only letters, digits, '.', '_' and '-' are allowed")
-    if value in {".", ".."}:
-        raise ValueError("'.' and '..' are not allowed (the name becomes a path component)")
+    problem = name_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
@@ -68,44 +63,8 @@ def _adapter(value: str) -> str:
     return value
 
 
-def _s3_uri(value: str) -> None:
-    rest = value[len("s3://") :]
-    bucket, _, _prefix = rest.partition("/")
-    if "@" in bucket:
-        raise ValueError("credentials do not belong in a job; give them the way boto3 reads them")
-    if "?" in value or "#" in value:
-        raise ValueError("an S3 URI takes no query or fragment")
-    if (
-        not _BUCKET_RE.fullmatch(bucket)
-        or ".." in bucket
-        or _IPV4_RE.fullmatch(bucket)
-        or bucket.startswith(("xn--", "sthree-"))
-        or bucket.endswith(("-s3alias", "--ol-s3"))
-    ):
-        raise ValueError(
-            f"bucket {bucket!r} is not a valid S3 bucket name (3..63 of a-z 0-9 . -, "
-            "starting and ending with a letter or digit)"
-        )
-
-
 def _output(value: str) -> str:
-    if _CONTROL_RE.search(value):
-        raise ValueError("control characters are not allowed")
-    scheme = _SCHEME_RE.match(value)
-    if scheme is None:
-        if value.lower().startswith("s3:"):
-            raise ValueError("looks like a malformed S3 URI: use s3://bucket/prefix")
-        return value  # a local directory on the worker
-    if scheme.group(1) == "s3":
-        _s3_uri(value)
-    elif scheme.group(1) == "file":  # the same rule as producer.storage
-        split = urlsplit(value)
-        if split.netloc not in ("", "localhost") or split.query or split.fragment or not split.path:
-            raise ValueError("not a local file URI: use file:///abs/dir")
-    else:
-        raise ValueError(
-            f"unsupported scheme {scheme.group(1)!r}: use s3://bucket/prefix or a local directory"
-        )
+    parse_output_uri(value)  # its InvalidStorageURIError is a ValueError: the reason pydantic reports
     return value
 
 
@@ -176,19 +135,8 @@ def derive_seed(job_id: str) -> int:
     return int(hashlib.sha256(job_id.encode()).hexdigest()[:16], 16) & d.MAX_SEED
 
 
-def redact_credentials(value: Any) -> Any:
-    """The value with any `user:password@` in its strings masked, for records of refused jobs."""
-    if isinstance(value, str):
-        return _USERINFO_RE.sub("://***@", value)
-    if isinstance(value, dict):
-        return {redact_credentials(k): redact_credentials(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact_credentials(v) for v in value]
-    return value
-
-
 def _short(value: Any) -> str:
-    text = _USERINFO_RE.sub("://***@", repr(value))
+    text = redact(repr(value))
     return text if len(text) <= _VALUE_REPR_CHARS else text[: _VALUE_REPR_CHARS - 3] + "..."
 
 

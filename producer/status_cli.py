@@ -1,28 +1,25 @@
 """`omni-batch status` and `omni-batch wait`: how far a dataset has got, read from its outputs.
 
-Storage is the record of truth (a sidecar means done, an error record means failed), not Celery:
-it outlives the broker and needs no result backend. Which jobs are still pending can only be
-known from the job list itself, so both commands take the JSONL file that was given to submit.
+Which jobs are still pending can only be known from the job list itself, so both commands take
+the JSONL file that was given to submit, with the same default flags (`producer.cli`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
-from producer.cli import EXIT_FAILURE, EXIT_OK, UsageError
-from producer.defaults import ENV_OUTPUT_URI
-from producer.errors import InvalidStorageKeyError, InvalidStorageURIError, StorageError
-from producer.outputs import OutputKind, classify_key, dataset_prefix, error_key
+from producer.cli import EXIT_FAILURE, EXIT_OK, add_job_default_flags, job_defaults, read_jobs
+from producer.errors import InvalidStorageURIError, StorageError, UsageError
+from producer.layout import error_key
+from producer.progress import DatasetStatus, dataset_status, wait_for_jobs
+from producer.records import failure_reason
+from producer.settings import ENV_OUTPUT_URI, read_environment
 from producer.storage import Storage, open_storage
 
 DEFAULT_WAIT_INTERVAL = 5.0  # seconds between two listings of the dataset
@@ -30,96 +27,12 @@ FAILURES_SHOWN = 5  # failed jobs whose reason the human summary prints
 _REASON_CHARS = 200
 
 
-@dataclass(frozen=True)
-class DatasetStatus:
-    """A dataset's progress. `expected` and `pending` are None when the job list is not known."""
-
-    dataset: str
-    output: str
-    done: int
-    failed_job_ids: tuple[str, ...]
-    expected: int | None
-
-    @property
-    def failed(self) -> int:
-        return len(self.failed_job_ids)
-
-    @property
-    def pending(self) -> int | None:
-        return None if self.expected is None else self.expected - self.done - self.failed
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "dataset": self.dataset,
-            "output": self.output,
-            "expected": self.expected,
-            "done": self.done,
-            "failed": self.failed,
-            "pending": self.pending,
-            "failed_job_ids": list(self.failed_job_ids),
-        }
-
-
-def dataset_status(storage: Storage, dataset: str, expected: frozenset[str] | None = None) -> DatasetStatus:
-    """Count a dataset's outputs; given the expected job ids, only those count, the rest are pending."""
-    done: set[str] = set()
-    errored: set[str] = set()
-    for key in storage.list_keys(dataset_prefix(dataset)):
-        ref = classify_key(key)
-        if ref is None or ref.dataset != dataset:
-            continue
-        if ref.kind is OutputKind.SIDECAR:
-            done.add(ref.job_id)
-        elif ref.kind is OutputKind.ERROR:
-            errored.add(ref.job_id)
-    if expected is not None:
-        done &= expected
-        errored &= expected
-    # A job that failed once and then succeeded (resubmitted) is done.
-    failed = tuple(sorted(errored - done))
-    return DatasetStatus(dataset, storage.uri, len(done), failed, None if expected is None else len(expected))
-
-
-def wait_for_jobs(
-    storage: Storage,
-    dataset: str,
-    expected: frozenset[str],
-    *,
-    timeout: float | None,
-    interval: float,
-    on_progress: Callable[[DatasetStatus], None] | None = None,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
-) -> DatasetStatus:
-    """Poll until no expected job is pending or `timeout` seconds have passed; return the last count.
-
-    The caller tells a timeout from completion by `pending`. `clock` and `sleep` are the time source,
-    replaceable so a test can drive the loop without real waiting.
-    """
-    deadline = None if timeout is None else clock() + timeout
-    while True:
-        status = dataset_status(storage, dataset, expected)
-        if on_progress is not None:
-            on_progress(status)
-        if not status.pending:
-            return status
-        if deadline is None:
-            sleep(interval)
-            continue
-        remaining = deadline - clock()
-        if remaining <= 0:
-            return status
-        sleep(min(interval, remaining))
-
-
-def read_expected_job_ids(path: Path, dataset: str) -> frozenset[str]:
-    """The ids of the dataset's jobs in a JSONL job file, derived as `submit --dataset D` derives them."""
-    from producer.submit_cli import validate_file
-
-    jobs, _ = validate_file(str(path), {"dataset": dataset}, action="counted")
-    job_ids = frozenset(job.job_id for job in jobs if job.dataset == dataset)
+def read_expected_job_ids(args: argparse.Namespace) -> frozenset[str]:
+    """The ids of the dataset's jobs in `--jobs`, derived as `submit` with the same flags derives them."""
+    jobs, _ = read_jobs(args, str(args.jobs), action="counted")
+    job_ids = frozenset(job.job_id for job in jobs if job.dataset == args.dataset)
     if not job_ids:
-        raise UsageError(f"--jobs {path} holds no job for dataset {dataset!r}")
+        raise UsageError(f"--jobs {args.jobs} holds no job for dataset {args.dataset!r}")
     return job_ids
 
 
@@ -135,12 +48,8 @@ def format_summary(status: DatasetStatus) -> str:
 
 def _failure_lines(storage: Storage, status: DatasetStatus) -> Iterator[str]:
     for job_id in status.failed_job_ids[:FAILURES_SHOWN]:
-        record = storage.get_bytes(error_key(status.dataset, job_id))
-        try:
-            data = json.loads(record or b"")
-            reason = " ".join(f"{data['error_type']}: {data['error']}".split())
-        except (ValueError, TypeError, KeyError):
-            reason = "(unreadable error record)"
+        reason = failure_reason(storage.get_bytes(error_key(status.dataset, job_id)))
+        reason = " ".join(reason.split()) if reason is not None else "(unreadable error record)"
         if len(reason) > _REASON_CHARS:
             reason = reason[: _REASON_CHARS - 3] + "..."
         yield f"  failed {job_id}: {reason}"
@@ -149,7 +58,8 @@ def _failure_lines(storage: Storage, status: DatasetStatus) -> Iterator[str]:
 
 
 def _open_output(args: argparse.Namespace) -> Storage:
-    uri = args.out or os.environ.get(ENV_OUTPUT_URI)
+    job_defaults(args)  # a bad --dataset (or other default flag) is bad usage, with or without --jobs
+    uri = args.out or read_environment().output_uri
     if not uri:
         raise UsageError(f"no output location: pass --out URI or set {ENV_OUTPUT_URI}")
     try:
@@ -166,7 +76,7 @@ def _print_report(storage: Storage, status: DatasetStatus) -> None:
 
 def _status(args: argparse.Namespace) -> int:
     storage = _open_output(args)
-    expected = read_expected_job_ids(args.jobs, args.dataset) if args.jobs else None
+    expected = read_expected_job_ids(args) if args.jobs else None
     try:
         status = dataset_status(storage, args.dataset, expected)
         if args.json:
@@ -181,7 +91,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _wait(args: argparse.Namespace) -> int:
     storage = _open_output(args)
-    expected = read_expected_job_ids(args.jobs, args.dataset)
+    expected = read_expected_job_ids(args)
     try:
         # disable=None: a bar on a terminal, nothing in a log file (as submit does).
         with tqdm(total=len(expected), desc=args.dataset, unit="job", file=sys.stderr, disable=None) as bar:
@@ -212,14 +122,6 @@ def _wait(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if status.failed else EXIT_OK
 
 
-def _dataset(value: str) -> str:
-    try:
-        dataset_prefix(value)
-    except InvalidStorageKeyError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-    return value
-
-
 def _seconds(value: str) -> float:
     try:
         seconds = float(value)
@@ -237,42 +139,44 @@ def _positive_seconds(value: str) -> float:
     return seconds
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, type=_dataset, help="the dataset to look at")
+def _add_common(parser: argparse.ArgumentParser, *, jobs_required: bool) -> None:
     parser.add_argument(
         "--out",
         metavar="URI",
         help=f"output root: s3://bucket/prefix or a directory (default: ${ENV_OUTPUT_URI})",
     )
+    parser.add_argument(
+        "--jobs",
+        metavar="JOBS.jsonl",
+        type=Path,
+        required=jobs_required,
+        help="the job file given to submit"
+        + ("" if jobs_required else "; without it the pending count is unknown"),
+    )
+    add_job_default_flags(parser, require_dataset=True)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `status` and `wait` commands."""
+def register_status(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `status` command (entry point `omni_batch.commands:status`)."""
     status = subparsers.add_parser(
         "status",
         help="count a dataset's done, failed and pending jobs",
         description="Count a dataset's done, failed and pending jobs from its outputs.",
     )
-    _add_common(status)
-    status.add_argument(
-        "--jobs",
-        metavar="JOBS.jsonl",
-        type=Path,
-        help="the job file given to submit; without it the pending count is unknown",
-    )
+    _add_common(status, jobs_required=False)
     status.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     status.set_defaults(handler=_status)
 
+
+def register_wait(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `wait` command (entry point `omni_batch.commands:wait`)."""
     wait = subparsers.add_parser(
         "wait",
         help="show a progress bar until every job of a dataset is done or failed",
         description="Wait until every job in JOBS.jsonl is done or failed. "
         "Exit 0 if all are done, 1 if any failed or the timeout passed.",
     )
-    _add_common(wait)
-    wait.add_argument(
-        "--jobs", metavar="JOBS.jsonl", type=Path, required=True, help="the job file given to submit"
-    )
+    _add_common(wait, jobs_required=True)
     wait.add_argument(
         "--timeout", metavar="S", type=_seconds, help="give up after S seconds (exit 1); default: no limit"
     )

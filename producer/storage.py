@@ -2,7 +2,7 @@
 
 The worker, the embedded runner and `omni-batch status` all go through `open_storage`, so they
 agree on keys, atomicity and errors. Keys are relative, `/`-separated paths under the storage root
-(see `producer.outputs` for the layout); no key can reach outside that root.
+(see `producer.layout`; `producer.output_uri` parses the root); no key can reach outside that root.
 
 Errors: `StorageUnavailableError` for what may pass (unreachable endpoint, timeouts, 5xx,
 throttling), plain `StorageError` for what will not (no such bucket, access denied, bad key).
@@ -14,25 +14,26 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import boto3
 import botocore.exceptions as boto_errors
 from botocore.config import Config
 
-from producer.defaults import ENV_S3_ENDPOINT_URL
 from producer.errors import (
     InvalidStorageKeyError,
     InvalidStorageURIError,
     StorageError,
     StorageUnavailableError,
 )
+from producer.layout import key_problem
+from producer.output_uri import S3Location, check_bucket, check_prefix, parse_output_uri
+from producer.settings import ENV_S3_ENDPOINT_URL, read_environment
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
@@ -56,8 +57,6 @@ _TRANSIENT_S3_CODES = frozenset(
         "TooManyRequests",
     }
 )
-
-_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class Storage(Protocol):
@@ -86,12 +85,9 @@ class Storage(Protocol):
 
 
 def _check_key(uri: str, key: str) -> str:
-    parts = key.split("/")
-    if "\\" in key or "\x00" in key or any(part in ("", ".", "..") for part in parts):
-        raise InvalidStorageKeyError(
-            f"{uri}: key {key!r} is not a relative path inside the storage root "
-            "(no absolute path, no '.', '..' or empty segment, no backslash)"
-        )
+    problem = key_problem(key)
+    if problem is not None:
+        raise InvalidStorageKeyError(f"{uri}: key {key!r} is {problem}")
     return key
 
 
@@ -233,16 +229,11 @@ class S3Storage:
         endpoint_url: str | None = None,
         settings: S3Settings | None = None,
     ) -> None:
-        if not _BUCKET.fullmatch(bucket):
-            raise InvalidStorageURIError(f"S3 bucket name {bucket!r} is not valid")
-        self.bucket = bucket
-        prefix = prefix.strip("/")
-        try:
-            self._prefix = f"{_check_key(f's3://{bucket}', prefix)}/" if prefix else ""
-        except InvalidStorageKeyError as e:
-            raise InvalidStorageURIError(f"S3 prefix {prefix!r} is not usable: {e}") from e
+        self.bucket = check_bucket(bucket)
+        prefix = check_prefix(prefix)
+        self._prefix = f"{prefix}/" if prefix else ""
         settings = settings or S3Settings()
-        endpoint_url = endpoint_url or os.environ.get(ENV_S3_ENDPOINT_URL) or None
+        endpoint_url = endpoint_url or read_environment().s3_endpoint_url
         config = Config(
             s3={"addressing_style": "path"},
             connect_timeout=settings.connect_timeout,
@@ -317,43 +308,12 @@ class S3Storage:
             raise self._error("list", prefix, e) from e
 
 
-def _open_s3(uri: str, endpoint_url: str | None) -> S3Storage:
-    split = urlsplit(uri)
-    # Nothing of the URI is echoed until it is known to hold no credentials or signed query.
-    if "@" in split.netloc:
-        raise InvalidStorageURIError(
-            "an s3:// output URI must not carry credentials: give them the way boto3 reads them "
-            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile)"
-        )
-    if split.query or split.fragment:
-        raise InvalidStorageURIError("an s3:// output URI takes no query or fragment: s3://bucket/prefix")
-    if not split.netloc:
-        raise InvalidStorageURIError(f"output URI {uri!r} names no bucket: use s3://bucket/prefix")
-    return S3Storage(split.netloc, split.path, endpoint_url=endpoint_url)
-
-
-def _open_file(uri: str) -> LocalStorage:
-    split = urlsplit(uri)
-    if split.netloc not in ("", "localhost") or split.query or split.fragment or not split.path:
-        raise InvalidStorageURIError(f"output URI {uri!r} is not a local file URI: use file:///abs/dir")
-    return LocalStorage(unquote(split.path))
-
-
 def open_storage(uri: str, *, endpoint_url: str | None = None) -> Storage:
     """Open `s3://bucket/prefix`, `file:///dir` or a plain directory path.
 
     `endpoint_url` (else $OMNI_S3_ENDPOINT_URL, else AWS) only matters for s3:// URIs.
     """
-    scheme, sep, _ = uri.partition("://")
-    if not sep:
-        if not uri:
-            raise InvalidStorageURIError("the output URI is empty: use s3://bucket/prefix or a directory")
-        return LocalStorage(uri)
-    scheme = scheme.lower()
-    if scheme == "s3":
-        return _open_s3(uri, endpoint_url)
-    if scheme == "file":
-        return _open_file(uri)
-    raise InvalidStorageURIError(
-        f"unsupported output URI scheme {scheme!r}: use s3://bucket/prefix or a local directory"
-    )
+    location = parse_output_uri(uri)
+    if isinstance(location, S3Location):
+        return S3Storage(location.bucket, location.prefix, endpoint_url=endpoint_url)
+    return LocalStorage(location.path)

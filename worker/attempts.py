@@ -3,6 +3,10 @@
 A job that kills the worker process is redelivered, and would kill every worker forever. Each
 start is counted before the engine runs and forgotten once the job's outcome is stored, so a
 count left over means earlier runs died; at the limit the job is failed, not run again.
+
+When Redis refuses to read or count starts, the bound cannot be kept, so nothing runs unbounded:
+AttemptsUnavailableError is raised and the worker puts the jobs back in the queue. A count that
+cannot be cleared is left (and expires): it can only make a later run of that job stricter.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Iterable
 import redis
 
 from producer.defaults import ATTEMPTS_KEY_PREFIX
+from worker.errors import AttemptsUnavailableError
 
 logger = logging.getLogger("omni.worker")
 
@@ -21,6 +26,8 @@ ATTEMPTS_TTL_S = 7 * 24 * 3600
 
 
 class AttemptCounter:
+    """Start counts per job id, in the broker's Redis (none is kept for another broker)."""
+
     def __init__(self, broker_url: str) -> None:
         # Only a Redis broker has somewhere to keep the counts; elsewhere nothing is bounded.
         self._redis = (
@@ -35,8 +42,7 @@ class AttemptCounter:
         try:
             counts = self._redis.mget([ATTEMPTS_KEY_PREFIX + job_id for job_id in job_ids])
         except redis.RedisError as e:
-            logger.warning("cannot read job start counts (%s); running without the bound", e)
-            return dict.fromkeys(job_ids, 0)
+            raise AttemptsUnavailableError(f"cannot read job start counts from Redis: {e}") from e
         return {job_id: int(count or 0) for job_id, count in zip(job_ids, counts, strict=True)}
 
     def start(self, job_ids: Iterable[str]) -> None:
@@ -51,13 +57,14 @@ class AttemptCounter:
                 pipe.expire(ATTEMPTS_KEY_PREFIX + job_id, ATTEMPTS_TTL_S)
             pipe.execute()
         except redis.RedisError as e:
-            logger.warning("cannot count job starts (%s); running without the bound", e)
+            raise AttemptsUnavailableError(f"cannot count job starts in Redis: {e}") from e
 
     def finished(self, job_ids: Iterable[str]) -> None:
+        """Forget the counts of jobs whose outcome is stored."""
         job_ids = list(job_ids)
         if self._redis is None or not job_ids:
             return
         try:
             self._redis.delete(*(ATTEMPTS_KEY_PREFIX + job_id for job_id in job_ids))
         except redis.RedisError as e:
-            logger.warning("cannot clear job start counts (%s)", e)
+            logger.error("cannot clear job start counts (%s); they expire in %d s", e, ATTEMPTS_TTL_S)

@@ -1,4 +1,8 @@
-"""`omni-batch run` and `omni-batch demo`: the embedded runner from the command line."""
+"""`omni-batch run`, `demo` and `worker`: the commands that need the worker extra.
+
+Each registers through its own entry point; registering imports nothing heavy (the settings and
+the scheduler are torch-free), so the CLI lists these commands even where torch is not installed.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,65 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
+from omni_engine.models.presets import DEFAULT_MODEL
 from producer import defaults as d
-from producer.cli import EXIT_FAILURE, EXIT_OK, UsageError
+from producer.cli import EXIT_FAILURE, EXIT_OK, add_job_default_flags, read_jobs
+from producer.errors import UsageError
+from producer.settings import (
+    ENV_ADAPTER_ROOTS,
+    ENV_BROKER_URL,
+    ENV_MAX_BATCH,
+    ENV_MAX_CPU_LORAS,
+    ENV_MAX_LORAS,
+    ENV_MODEL,
+    ENV_OUTPUT_URI,
+    ENV_WINDOW,
+)
+from worker.scheduler import DEFAULT_MAX_BATCH
+from worker.settings import (
+    DEFAULT_MAX_CPU_LORAS,
+    DEFAULT_MAX_LORAS,
+    DEFAULT_WINDOW,
+    WorkerSettings,
+)
 
 DEFAULT_DEMO_OUT = "omni-demo"
+# Integer flags of `run` and `worker`: (flag, environment variable, default, what it sets).
+_ENGINE_LIMITS = (
+    ("--max-loras", ENV_MAX_LORAS, DEFAULT_MAX_LORAS, "adapters resident in the model"),
+    ("--max-cpu-loras", ENV_MAX_CPU_LORAS, DEFAULT_MAX_CPU_LORAS, "adapters held in host memory"),
+    ("--window", ENV_WINDOW, DEFAULT_WINDOW, "jobs considered together for grouping"),
+    (
+        "--max-batch",
+        ENV_MAX_BATCH,
+        DEFAULT_MAX_BATCH,
+        "jobs per pipeline call; 1 makes every image independent of what it was batched with, bit for bit",
+    ),
+)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    from producer.submit_cli import add_job_default_flags
+def _add_engine_flags(parser: argparse.ArgumentParser, *, out_help: str) -> None:
+    """What `run` and `worker` share: the model, the adapters, the caches, the window, the output."""
+    parser.add_argument("--out", metavar="URI", help=f"{out_help} (default: ${ENV_OUTPUT_URI})")
+    parser.add_argument(
+        "--model",
+        help=f"preset, local pipeline directory or diffusers id (default: ${ENV_MODEL} or {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--adapter-root",
+        dest="adapter_roots",
+        action="append",
+        metavar="DIR",
+        help=f"where adapter names resolve; repeatable (default: ${ENV_ADAPTER_ROOTS})",
+    )
+    for flag, env, default, text in _ENGINE_LIMITS:
+        parser.add_argument(flag, type=int, help=f"{text} (default: ${env} or {default})")
 
+
+def register_run(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `run` command (entry point `omni_batch.commands:run`)."""
     run = subparsers.add_parser(
         "run",
         help="run a JSONL job file in this process (no broker): scheduler, engine and storage",
@@ -23,54 +76,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "scheduler, engine and storage. Jobs whose sidecar exists are skipped.",
     )
     run.add_argument("jobs", metavar="JOBS.jsonl", help="one JSON job per line; '-' reads stdin")
-    run.add_argument(
-        "--out", metavar="URI", help="s3://bucket/prefix or a directory (default: $OMNI_OUTPUT_URI)"
-    )
-    run.add_argument(
-        "--model", help="preset, local pipeline directory or diffusers id (default: $OMNI_MODEL)"
-    )
-    run.add_argument(
-        "--adapter-root",
-        dest="adapter_roots",
-        action="append",
-        metavar="DIR",
-        help="where adapter names resolve; repeatable (default: $OMNI_ADAPTER_ROOTS)",
-    )
-    run.add_argument(
-        "--max-loras", type=int, help="adapters resident in the model (default: $OMNI_MAX_LORAS or 4)"
-    )
-    run.add_argument("--max-cpu-loras", type=int, help="adapters held in host memory (default 16)")
-    run.add_argument("--window", type=int, help="jobs considered together for grouping (default 64)")
+    _add_engine_flags(run, out_help="s3://bucket/prefix or a directory")
     add_job_default_flags(run)
     run.set_defaults(handler=run_command)
 
+
+def register_demo(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `demo` command (entry point `omni_batch.commands:demo`)."""
     demo = subparsers.add_parser(
         "demo", help="make adapters for the tiny built-in model and run a mixed job list (no broker, no S3)"
     )
     demo.add_argument("--out", default=DEFAULT_DEMO_OUT, metavar="DIR", help=f"default: ./{DEFAULT_DEMO_OUT}")
     demo.set_defaults(handler=demo_command)
 
+
+def register_worker(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `worker` command (entry point `omni_batch.commands:worker`)."""
     worker = subparsers.add_parser(
         "worker",
         help="a Celery worker for omni.generate jobs (one process per GPU: set CUDA_VISIBLE_DEVICES)",
         description="Consume omni.generate jobs, group them by adapter, store images and sidecars.",
     )
     worker.add_argument(
-        "--broker", metavar="URL", help="default: $OMNI_BROKER_URL or redis://localhost:6379/0"
+        "--broker", metavar="URL", help=f"default: ${ENV_BROKER_URL} or {d.DEFAULT_BROKER_URL}"
     )
     worker.add_argument("--queues", default=d.QUEUE, help=f"comma-separated queues (default: {d.QUEUE})")
-    worker.add_argument("--model", help="preset, pipeline directory or diffusers id (default: $OMNI_MODEL)")
-    worker.add_argument("--adapter-root", dest="adapter_roots", action="append", metavar="DIR")
-    worker.add_argument("--out", metavar="URI", help="default output (default: $OMNI_OUTPUT_URI)")
-    worker.add_argument("--max-loras", type=int)
-    worker.add_argument("--max-cpu-loras", type=int)
-    worker.add_argument(
-        "--max-batch",
-        type=int,
-        help="jobs per pipeline call (default: $OMNI_MAX_BATCH or 8; 1 makes every image independent "
-        "of what it was batched with, bit for bit)",
-    )
-    worker.add_argument("--window", type=int, help="jobs reserved for grouping (default: $OMNI_WINDOW or 64)")
+    _add_engine_flags(worker, out_help="the output of jobs that name none")
     worker.add_argument(
         "--idle", type=float, dest="idle_s", help="seconds without arrivals before a group runs"
     )
@@ -79,32 +110,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.set_defaults(handler=worker_command)
 
 
-def _progress(total: int):
+def _progress(total: int) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, unit="job", file=sys.stderr, disable=None)
 
 
+def _settings(args: argparse.Namespace, **extra: object) -> WorkerSettings:
+    return WorkerSettings.from_env(
+        model=args.model,
+        adapter_roots=tuple(args.adapter_roots) if args.adapter_roots else None,
+        max_loras=args.max_loras,
+        max_cpu_loras=args.max_cpu_loras,
+        window=args.window,
+        output_uri=args.out,
+        max_batch=args.max_batch,
+        **extra,
+    )
+
+
 def run_command(args: argparse.Namespace) -> int:
-    from producer.submit_cli import read_jobs
+    """Validate the file, then run every job here; exit 1 if any failed."""
+    jobs, duplicates = read_jobs(args, args.jobs, action="run")
 
-    jobs, duplicates = read_jobs(args, action="run")
-
-    from omni_engine import Omni
     from omni_engine.models.loader import quiet_library_output
     from producer.errors import StorageError
     from worker.embedded import run_jobs
+    from worker.settings import build_engine
 
     quiet_library_output()
     settings = _settings(args)
     if settings.output_uri is None and any(job.output is None for job in jobs):
-        raise UsageError("some jobs have no output: give --out or set $OMNI_OUTPUT_URI")
-    engine = Omni(
-        settings.model,
-        max_loras=settings.max_loras,
-        max_cpu_loras=settings.max_cpu_loras,
-        adapter_roots=list(settings.adapter_roots),
-    )
+        raise UsageError(f"some jobs have no output: give --out or set ${ENV_OUTPUT_URI}")
+    engine = build_engine(settings)
     try:
         with _progress(len(jobs)) as bar:
             summary = run_jobs(jobs, engine=engine, settings=settings, on_done=bar.update)
@@ -118,13 +156,15 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    """Run the demo and print what grouping saved."""
     from omni_engine.models.loader import quiet_library_output
-    from worker.demo import demo_jobs, run_demo
+    from worker.demo import DEMO_ADAPTERS, demo_jobs, run_demo
 
     quiet_library_output()
     out = Path(args.out)
     print(
-        f"omni-batch demo: {len(demo_jobs())} jobs over 4 adapters and the base model, tiny-sd3, into {out}/"
+        f"omni-batch demo: {len(demo_jobs())} jobs over {len(DEMO_ADAPTERS)} adapters and the base model, "
+        f"{DEFAULT_MODEL}, into {out}/"
     )
     with _progress(len(demo_jobs())) as bar:
         summary, fifo = run_demo(out, on_done=bar.update)
@@ -135,22 +175,8 @@ def demo_command(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if summary.failed else EXIT_OK
 
 
-def _settings(args: argparse.Namespace, **extra: object):
-    from worker.settings import WorkerSettings
-
-    return WorkerSettings.from_env(
-        model=args.model,
-        adapter_roots=tuple(args.adapter_roots) if args.adapter_roots else None,
-        max_loras=args.max_loras,
-        max_cpu_loras=args.max_cpu_loras,
-        window=args.window,
-        output_uri=args.out,
-        max_batch=getattr(args, "max_batch", None),
-        **extra,
-    )
-
-
 def worker_command(args: argparse.Namespace) -> int:
+    """Start the Celery worker in this process (it returns at shutdown)."""
     import socket
 
     from omni_engine.models.loader import quiet_library_output

@@ -23,20 +23,18 @@ from celery.worker.state import revoked as revoked_tasks
 from celery.worker.state import task_ready, task_reserved
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 
-from omni_engine import Omni
-from omni_engine.errors import AdapterError
-from producer import outputs
 from producer.defaults import DEFAULT_DATASET, SUBMITTED_AT_HEADER
 from producer.errors import InvalidStorageKeyError, JobValidationError, StorageError, StorageUnavailableError
-from producer.schema import redact_credentials, validate_job
-from worker.adapters import AdapterResolver
+from producer.layout import JSON_CONTENT_TYPE, error_key
+from producer.records import encode, error_record
+from producer.redact import redact_credentials
+from producer.schema import validate_job
+from worker.admission import Admission, to_pending
 from worker.attempts import AttemptCounter
-from worker.errors import PoisonJobError
-from worker.execute import Result, WorkItem, batch_key, failure, generate_group, store_with_retry
-from worker.scheduler import Pending, SchedulerPolicy, next_group
-from worker.settings import WorkerSettings
-from worker.sidecar import encode, error_record
-from worker.storages import StorageCache
+from worker.errors import AttemptsUnavailableError, PoisonJobError
+from worker.execute import Result, failure, generate_group, store_with_retry
+from worker.scheduler import Pending, take_next_group
+from worker.settings import WorkerSettings, build_engine
 
 logger = logging.getLogger("omni.worker")
 
@@ -47,26 +45,22 @@ TICK_S = 0.05
 
 def grouping_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):
     """Celery's hook (`Task.Strategy`): called at every (re)connection; the engine loads once."""
-    grouper = getattr(app, "omni_grouper", None)
-    if grouper is None:
-        grouper = app.omni_grouper = Grouper(app.omni_settings, app)
-    return grouper.attach(task, consumer)
+    grouping = getattr(app, "omni_consumer", None)
+    if grouping is None:
+        grouping = app.omni_consumer = GroupingConsumer(app.omni_settings, app)
+    return grouping.attach(task, consumer)
 
 
-class Grouper:
+class GroupingConsumer:
+    """Holds the window of reserved jobs, runs the groups the scheduler picks, acks what is stored."""
+
     def __init__(self, settings: WorkerSettings, app: Any) -> None:
         self.settings = settings
         self.app = app
-        self.engine = Omni(
-            settings.model,
-            max_loras=settings.max_loras,
-            max_cpu_loras=settings.max_cpu_loras,
-            adapter_roots=list(settings.adapter_roots),
-        )
-        self.resolver = AdapterResolver(settings.adapter_roots)
+        self.engine = build_engine(settings)
+        self.admission = Admission(settings)
         self.attempts = AttemptCounter(settings.broker_url)
-        self.storages = StorageCache(settings.output_uri, settings.s3_endpoint_url)
-        self.policy = SchedulerPolicy(max_batch=settings.max_batch, max_wait_s=settings.max_wait_s)
+        self.policy = settings.policy
         self.window: list[Pending] = []
         # Each upload remembers the connection its messages came on (see `attach`).
         self.uploads: deque[tuple[Future, list[tuple[Any, Result]], int]] = deque()
@@ -168,19 +162,9 @@ class Grouper:
             if raw is None:
                 raise JobValidationError(["a job is one JSON object, the task's only argument"])
             job = validate_job(raw)
-            storage = self.storages.for_job(job)
-        except (JobValidationError, ValueError, StorageError) as e:
+            storage = self.admission.storage_for(job)
+        except (JobValidationError, StorageError) as e:
             self._reject_invalid(request, raw, e)
-            return None
-        try:
-            done = storage.exists(outputs.sidecar_key(job.dataset, job.job_id))
-        except StorageUnavailableError:
-            done = False  # the store step retries; at worst a job is generated again
-        except StorageError as e:  # no such bucket, access denied: nothing to retry
-            self._fail(request, e)
-            return None
-        if done:
-            self._finish(request)  # its outputs exist: a redelivery, or the same job sent again
             return None
         if job.job_id in self.held:
             # Delivered again while held (the visibility timeout passed, or it was sent twice): this
@@ -188,31 +172,28 @@ class Grouper:
             self.held[job.job_id].append(request)
             logger.debug("job %s delivered again while held", job.job_id)
             return None
-        try:
-            lora_request = self.resolver.resolve(job.adapter) if job.adapter else None
-        except AdapterError as e:
-            self.held[job.job_id] = []
-            self._store([(request, failure(WorkItem(job, None, storage), e))])
-            return None
         submitted_at = request.message.headers.get(SUBMITTED_AT_HEADER)
-        item = WorkItem(job, lora_request, storage, submitted_at if isinstance(submitted_at, float) else None)
+        try:
+            admitted = self.admission.admit(
+                job, storage, submitted_at=submitted_at if isinstance(submitted_at, float) else None
+            )
+        except StorageError as e:  # no such bucket, access denied: nothing to retry
+            self._fail(request, e)
+            return None
+        if admitted is None:
+            self._finish(request)  # its outputs exist: a redelivery, or the same job sent again
+            return None
         self.held[job.job_id] = []
-        return Pending(
-            job_id=job.job_id,
-            adapter=lora_request.lora_path if lora_request else None,
-            batch_key=batch_key(job),
-            arrived=time.monotonic(),
-            priority=job.priority,
-            payload=(request, item),
-        )
+        if isinstance(admitted, Result):
+            self._store([(request, admitted)])
+            return None
+        return to_pending(admitted, payload=(request, admitted))
 
     def run_next(self) -> None:
         resident, host = self.engine.held_adapters()
-        group = next_group(
+        group = take_next_group(
             self.window, resident=resident, host=host, now=time.monotonic(), policy=self.policy
         )
-        chosen = {p.job_id for p in group}
-        self.window[:] = [p for p in self.window if p.job_id not in chosen]
         live = []
         for p in group:
             if p.payload[0].revoked():  # revoked meanwhile: Celery acked it; settle its other deliveries
@@ -220,7 +201,11 @@ class Grouper:
                     self._finish(extra)
             else:
                 live.append(p)
-        previous = self.attempts.previous(p.job_id for p in live)
+        try:
+            previous = self.attempts.previous(p.job_id for p in live)
+        except AttemptsUnavailableError as e:
+            self._requeue(live, e)
+            return
         runnable = []
         for p in live:
             if previous[p.job_id] >= self.settings.max_attempts:
@@ -235,8 +220,13 @@ class Grouper:
             return
         # A job started before and never finished runs alone: it cannot take a batch down with it.
         retried = any(previous[p.job_id] for p in runnable)
-        for batch in [[p] for p in runnable] if retried else [runnable]:
-            self.attempts.start(p.job_id for p in batch)
+        batches = [[p] for p in runnable] if retried else [runnable]
+        for i, batch in enumerate(batches):
+            try:
+                self.attempts.start(p.job_id for p in batch)
+            except AttemptsUnavailableError as e:
+                self._requeue([p for rest in batches[i:] for p in rest], e)
+                return
             self._generate(batch)
 
     def _generate(self, batch: list[Pending]) -> None:
@@ -291,6 +281,14 @@ class Grouper:
                 settled.append(job_id)
             self.attempts.finished(settled)
 
+    def _requeue(self, group: list[Pending], error: AttemptsUnavailableError) -> None:
+        """Back to the queue, not run: without the start counts a poison job could kill every worker."""
+        logger.error("%d job(s) back to the queue, not run: %s", len(group), error)
+        for p in group:
+            for delivery in [p.payload[0], *self.held.pop(p.job_id, [])]:
+                delivery.reject(requeue=True)
+                task_ready(delivery)
+
     def _finish(self, request: Any) -> None:
         request.acknowledge()
         task_ready(request)
@@ -309,17 +307,13 @@ class Grouper:
         """A message that is no valid job: recorded under the worker's own output, never the job's."""
         data = redact_credentials(raw) if isinstance(raw, dict) else {}
         try:
-            key = outputs.error_key(
-                str(data.get("dataset", DEFAULT_DATASET)), str(data.get("job_id", request.id))
-            )
+            key = error_key(str(data.get("dataset", DEFAULT_DATASET)), str(data.get("job_id", request.id)))
         except InvalidStorageKeyError:
             key = None
         if key is not None and self.settings.output_uri is not None:
             try:
-                storage = self.storages.for_uri(self.settings.output_uri)
-                storage.put_bytes(
-                    key, encode(error_record(data, error)), content_type=outputs.JSON_CONTENT_TYPE
-                )
+                storage = self.admission.storages.for_uri(self.settings.output_uri)
+                storage.put_bytes(key, encode(error_record(data, error)), content_type=JSON_CONTENT_TYPE)
             except StorageError as e:
                 logger.error("job %s: could not write its error record: %s", request.id, e)
         self._fail(request, error)

@@ -7,14 +7,14 @@ adapter loads at the minimum where running them in arrival order would load agai
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 
-from omni_engine import Omni
 from omni_engine.lora.lru import LRUCache
 from omni_engine.lora.synth import write_random_adapter
 from producer.schema import Job, validate_job
 from worker.embedded import RunSummary, run_jobs
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, build_engine
 
 DEMO_ADAPTERS = ("watercolor", "pixel-art", "neon", "charcoal")
 SUBJECTS = (
@@ -64,21 +64,20 @@ def fifo_loads(jobs: list[Job], capacity: int) -> int:
     return loads
 
 
-def run_demo(out: Path, *, on_done=None) -> tuple[RunSummary, int]:
+def run_demo(out: Path, *, on_done: Callable[[int], None] | None = None) -> tuple[RunSummary, int]:
     """Run the demo into `out`; returns the summary and the FIFO loads to compare against."""
     out = out.resolve()
     adapter_root = out / "adapters"
-    engine = Omni("tiny-sd3", max_loras=DEMO_MAX_LORAS, max_cpu_loras=DEMO_MAX_CPU_LORAS)
-    for seed, name in enumerate(DEMO_ADAPTERS):
-        if not (adapter_root / name).is_dir():
-            write_random_adapter(adapter_root / name, engine.pipeline.transformer, rank=8, seed=seed)
     settings = WorkerSettings(
-        model="tiny-sd3",
         adapter_roots=(str(adapter_root),),
         max_loras=DEMO_MAX_LORAS,
         max_cpu_loras=DEMO_MAX_CPU_LORAS,
         output_uri=str(out / "images"),
     )
+    engine = build_engine(settings)
+    for seed, name in enumerate(DEMO_ADAPTERS):
+        if not (adapter_root / name).is_dir():
+            write_random_adapter(adapter_root / name, engine.pipeline.transformer, rank=8, seed=seed)
     jobs = demo_jobs()
     return run_jobs(jobs, engine=engine, settings=settings, on_done=on_done), fifo_loads(
         jobs, DEMO_MAX_CPU_LORAS

@@ -11,18 +11,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from omni_engine import Omni
-from omni_engine.errors import AdapterError
-from producer import outputs
 from producer.schema import Job
-from worker.adapters import AdapterResolver
-from worker.execute import WorkItem, batch_key, failure, generate_group, store
-from worker.scheduler import Pending, SchedulerPolicy, next_group
+from worker.admission import Admission, to_pending
+from worker.execute import Result, generate_group, store
+from worker.scheduler import Pending, take_next_group
 from worker.settings import WorkerSettings
-from worker.storages import StorageCache
 
 
 @dataclass
 class RunSummary:
+    """What a run did: jobs seen, images made, and adapter loads against the least possible."""
+
     jobs: int = 0
     images: int = 0
     skipped: int = 0
@@ -37,6 +36,7 @@ class RunSummary:
         return self.images / self.seconds if self.seconds else 0.0
 
     def lines(self) -> list[str]:
+        """The summary as the CLI prints it."""
         return [
             f"jobs        {self.jobs} ({self.skipped} already done, skipped)",
             f"images      {self.images}",
@@ -58,9 +58,8 @@ def run_jobs(
     summary = RunSummary()
     started = time.perf_counter()
     stats_before = engine.lora_stats()
-    resolver = AdapterResolver(settings.adapter_roots)
-    storages = StorageCache(settings.output_uri, settings.s3_endpoint_url)
-    policy = SchedulerPolicy(max_batch=settings.max_batch, max_wait_s=settings.max_wait_s)
+    admission = Admission(settings)
+    policy = settings.policy
     queue = iter(jobs)
     window: list[Pending] = []
     adapters_used: set[str] = set()
@@ -72,38 +71,24 @@ def run_jobs(
             if job is None:
                 return
             summary.jobs += 1
-            storage = storages.for_job(job)
             # A job given twice runs once (the scheduler needs ids unique in its window).
-            if job.job_id in seen or storage.exists(outputs.sidecar_key(job.dataset, job.job_id)):
+            admitted = None if job.job_id in seen else admission.admit(job, admission.storage_for(job))
+            if admitted is None:
                 summary.skipped += 1
                 _report(on_done, 1)
                 continue
             seen.add(job.job_id)
-            try:
-                request = resolver.resolve(job.adapter) if job.adapter else None
-            except AdapterError as e:
-                store(failure(WorkItem(job, None, storage), e))
+            if isinstance(admitted, Result):
+                store(admitted)
                 summary.failed += 1
                 _report(on_done, 1)
                 continue
-            item = WorkItem(job, request, storage)
-            window.append(
-                Pending(
-                    job_id=job.job_id,
-                    adapter=request.lora_path if request else None,
-                    batch_key=batch_key(job),
-                    arrived=time.monotonic(),
-                    priority=job.priority,
-                    payload=item,
-                )
-            )
+            window.append(to_pending(admitted, payload=admitted))
 
     refill()
     while window:
         resident, host = engine.held_adapters()
-        group = next_group(window, resident=resident, host=host, now=time.monotonic(), policy=policy)
-        chosen = {p.job_id for p in group}
-        window[:] = [p for p in window if p.job_id not in chosen]
+        group = take_next_group(window, resident=resident, host=host, now=time.monotonic(), policy=policy)
         results = generate_group(engine, [p.payload for p in group])
         for result in results:
             store(result)

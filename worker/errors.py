@@ -7,6 +7,15 @@ class WorkerError(Exception):
     """Base of the errors the worker records against a job."""
 
 
+class SchedulingError(WorkerError, ValueError):
+    """A scheduling policy or a pending job with a value the scheduler cannot use."""
+
+
+class AttemptsUnavailableError(WorkerError):
+    """The job start counts could not be read or written, so the poison bound cannot be kept:
+    the jobs go back to the queue rather than run unbounded."""
+
+
 class PoisonJobError(WorkerError):
     """The job was started again and again and never finished: each time, the worker died."""
 

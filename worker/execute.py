@@ -18,12 +18,12 @@ import torch
 from omni_engine import Omni
 from omni_engine.errors import AdapterError, LoRACapacityError
 from omni_engine.lora.request import LoRARequest
-from producer import outputs
 from producer.errors import StorageError, StorageUnavailableError
+from producer.layout import IMAGE_CONTENT_TYPE, JSON_CONTENT_TYPE, error_key, image_key, sidecar_key
+from producer.records import encode, error_record, sidecar
 from producer.schema import Job
 from producer.storage import Storage
 from worker.errors import OutOfMemoryError
-from worker.sidecar import encode, error_record, sidecar
 
 logger = logging.getLogger("omni.worker")
 
@@ -33,6 +33,8 @@ PERMANENT_ERRORS = (AdapterError, LoRACapacityError, ValueError)
 
 @dataclass(frozen=True)
 class WorkItem:
+    """A job ready to run: its adapter resolved, the storage its outputs go to."""
+
     job: Job
     request: LoRARequest | None
     storage: Storage
@@ -58,7 +60,8 @@ def batch_key(job: Job) -> tuple[Hashable, ...]:
     return (job.width, job.height, job.steps, job.guidance_scale, job.scale, job.negative_prompt)
 
 
-def png_bytes(image) -> bytes:
+def png_bytes(image: Any) -> bytes:
+    """A PIL image as PNG bytes, the form stored."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -111,16 +114,16 @@ def store(result: Result) -> None:
     """Write the image, then the sidecar (its presence means done), or the error record."""
     job, storage = result.item.job, result.item.storage
     if result.image is None:
-        key = outputs.error_key(job.dataset, job.job_id)
-        storage.put_bytes(key, encode(result.record), content_type=outputs.JSON_CONTENT_TYPE)
+        storage.put_bytes(
+            error_key(job.dataset, job.job_id), encode(result.record), content_type=JSON_CONTENT_TYPE
+        )
         return
     started = time.perf_counter()
-    storage.put_bytes(
-        outputs.image_key(job.dataset, job.job_id), result.image, content_type=outputs.IMAGE_CONTENT_TYPE
-    )
+    storage.put_bytes(image_key(job.dataset, job.job_id), result.image, content_type=IMAGE_CONTENT_TYPE)
     result.record["timings"]["store_s"] = time.perf_counter() - started
-    key = outputs.sidecar_key(job.dataset, job.job_id)
-    storage.put_bytes(key, encode(result.record), content_type=outputs.JSON_CONTENT_TYPE)
+    storage.put_bytes(
+        sidecar_key(job.dataset, job.job_id), encode(result.record), content_type=JSON_CONTENT_TYPE
+    )
 
 
 def store_with_retry(result: Result, *, attempts: int, backoff_s: float) -> StorageError | None:

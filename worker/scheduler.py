@@ -1,11 +1,11 @@
 """Choose which jobs of the worker's window run next, so that each adapter is loaded as few times as possible.
 
-Loading a LoRA into a large model costs seconds; switching between adapters already in the model costs
-well under a millisecond (DESIGN.md, "Why grouping pays"). So the scheduler runs jobs whose adapter is
-resident first, then those whose adapter is in host memory, then cold ones, and among cold adapters the
-one with the most jobs waiting, which a single load then serves. Jobs with one adapter and one batch key
-share a pipeline call. A deadline per job (shorter for higher priority) bounds how long any job is
-passed over.
+Loading a LoRA into a large model costs seconds; switching between adapters already in the model
+costs well under a millisecond (docs/architecture.md, "Why grouping pays"). So the scheduler runs
+jobs whose adapter is resident first, then those whose adapter is in host memory, then cold ones,
+and among cold adapters the one with the most jobs waiting, which a single load then serves. Jobs
+with one adapter and one batch key share a pipeline call. A deadline per job (shorter for higher
+priority) bounds how long any job is passed over.
 
 The module is pure (no I/O, no clock, no torch): the Celery worker, the embedded runner and the
 benchmarks pass the time in and share one policy.
@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from math import isnan
 
 from producer.defaults import DEFAULT_PRIORITY, MAX_PRIORITY
+from worker.errors import SchedulingError
 
 DEFAULT_MAX_BATCH = 8
-DEFAULT_MAX_WAIT_S = 300.0
+# A full 64-job window under load holds a job for about window x seconds-per-job, and a much
+# shorter max wait turns grouping back into deadline order (bench/scheduler.py --max-wait).
+DEFAULT_MAX_WAIT_S = 900.0
 
 # Adapter tiers, cheapest first.
 _RESIDENT, _HOST, _COLD = 0, 1, 2
@@ -44,7 +47,7 @@ class Pending:
 
     def __post_init__(self) -> None:
         if not 0 <= self.priority <= MAX_PRIORITY:
-            raise ValueError(
+            raise SchedulingError(
                 f"Pending {self.job_id!r}: priority must be 0..{MAX_PRIORITY} ({MAX_PRIORITY} most urgent), "
                 f"got {self.priority!r}"
             )
@@ -66,9 +69,9 @@ class SchedulerPolicy:
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
-            raise ValueError(f"SchedulerPolicy: max_batch must be >= 1, got {self.max_batch!r}")
+            raise SchedulingError(f"SchedulerPolicy: max_batch must be >= 1, got {self.max_batch!r}")
         if isnan(self.max_wait_s) or self.max_wait_s <= 0:
-            raise ValueError(
+            raise SchedulingError(
                 f"SchedulerPolicy: max_wait_s must be > 0 (math.inf for no limit), got {self.max_wait_s!r}"
             )
 
@@ -130,6 +133,21 @@ def next_group(
     group = [job for job in pending if job.adapter == anchor.adapter and job.batch_key == anchor.batch_key]
     group.sort(key=urgency)
     return group[: policy.max_batch]
+
+
+def take_next_group(
+    window: list[Pending],
+    *,
+    resident: Collection[str],
+    host: Collection[str],
+    now: float,
+    policy: SchedulerPolicy,
+) -> list[Pending]:
+    """`next_group`, removed from `window`: what a worker does with its window before each run."""
+    group = next_group(window, resident=resident, host=host, now=now, policy=policy)
+    chosen = {job.job_id for job in group}
+    window[:] = [job for job in window if job.job_id not in chosen]
+    return group
 
 
 def next_fifo(pending: Sequence[Pending]) -> list[Pending]:

@@ -1,21 +1,26 @@
-"""The worker's settings, read once from the environment (CONTRACT section 6); flags override."""
+"""The worker's settings: its defaults, then the environment (`producer.settings`), then flags.
+
+The embedded runner (`omni-batch run`, `demo`) and the Celery worker take the same settings, so
+they build the same engine (`build_engine`) and the same scheduling policy.
+"""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from producer import defaults as d
-from worker.scheduler import DEFAULT_MAX_BATCH
+from omni_engine.models.presets import DEFAULT_MODEL
+from producer.defaults import DEFAULT_BROKER_URL
+from producer.errors import SettingsError
+from producer.settings import read_environment
+from worker.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S, SchedulerPolicy
 
-DEFAULT_MODEL = "tiny-sd3"
+if TYPE_CHECKING:
+    from omni_engine import Omni
+
 DEFAULT_WINDOW = 64
 DEFAULT_MAX_LORAS = 4
 DEFAULT_MAX_CPU_LORAS = 16
-# Longer than the scheduler's own default: a full 64-job window under load holds a job for about
-# window x seconds-per-job, and a shorter max wait turns grouping back into deadline order
-# (bench/scheduler.py --max-wait).
-DEFAULT_MAX_WAIT_S = 900.0
 # Redis redelivers a reserved, unacked job after this long. It must exceed the longest a job can
 # sit in the window (a priority-0 job waits up to 2 x max wait) plus a group's run and upload, or a
 # slow job would run twice (harmless, outputs are idempotent, but wasted).
@@ -29,17 +34,7 @@ DEFAULT_STORE_BACKOFF_S = 0.5
 DEFAULT_MAX_ATTEMPTS = 3
 
 
-def _int_env(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"${name} must be an integer, got {raw!r}") from None
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WorkerSettings:
     model: str = DEFAULT_MODEL
     adapter_roots: tuple[str, ...] = ()
@@ -50,7 +45,7 @@ class WorkerSettings:
     max_wait_s: float = DEFAULT_MAX_WAIT_S
     output_uri: str | None = None
     s3_endpoint_url: str | None = None
-    broker_url: str = d.DEFAULT_BROKER_URL
+    broker_url: str = DEFAULT_BROKER_URL
     result_backend: str | None = None
     visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
     idle_s: float = DEFAULT_IDLE_S
@@ -58,25 +53,44 @@ class WorkerSettings:
     store_backoff_s: float = DEFAULT_STORE_BACKOFF_S
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise SettingsError(f"the window must hold at least one job, got {self.window}")
+
     @classmethod
     def from_env(cls, **overrides: object) -> WorkerSettings:
         """Environment first, then every override that is not None (a flag the user gave)."""
-        roots = os.environ.get(d.ENV_ADAPTER_ROOTS, "")
+        env = read_environment()
         values: dict[str, object] = {
-            "model": os.environ.get(d.ENV_MODEL) or DEFAULT_MODEL,
-            "adapter_roots": tuple(r for r in roots.split(os.pathsep) if r),
-            "max_loras": _int_env(d.ENV_MAX_LORAS, DEFAULT_MAX_LORAS),
-            "max_cpu_loras": _int_env(d.ENV_MAX_CPU_LORAS, DEFAULT_MAX_CPU_LORAS),
-            "window": _int_env(d.ENV_WINDOW, DEFAULT_WINDOW),
-            "output_uri": os.environ.get(d.ENV_OUTPUT_URI) or None,
-            "s3_endpoint_url": os.environ.get(d.ENV_S3_ENDPOINT_URL) or None,
-            "broker_url": os.environ.get(d.ENV_BROKER_URL) or d.DEFAULT_BROKER_URL,
-            "result_backend": os.environ.get(d.ENV_RESULT_BACKEND) or None,
-            "visibility_timeout_s": _int_env(d.ENV_VISIBILITY_TIMEOUT, DEFAULT_VISIBILITY_TIMEOUT_S),
-            "max_attempts": _int_env(d.ENV_MAX_ATTEMPTS, DEFAULT_MAX_ATTEMPTS),
-            "max_batch": _int_env(d.ENV_MAX_BATCH, DEFAULT_MAX_BATCH),
+            "model": env.model,
+            "adapter_roots": env.adapter_roots or None,
+            "max_loras": env.max_loras,
+            "max_cpu_loras": env.max_cpu_loras,
+            "window": env.window,
+            "output_uri": env.output_uri,
+            "s3_endpoint_url": env.s3_endpoint_url,
+            "broker_url": env.broker_url,
+            "result_backend": env.result_backend,
+            "visibility_timeout_s": env.visibility_timeout_s,
+            "max_attempts": env.max_attempts,
+            "max_batch": env.max_batch,
         }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        if values["window"] < 1:
-            raise ValueError(f"the window must hold at least one job, got {values['window']}")
-        return cls(**values)
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        return cls(**{name: value for name, value in values.items() if value is not None})
+
+    @property
+    def policy(self) -> SchedulerPolicy:
+        """The scheduling policy these settings ask for."""
+        return SchedulerPolicy(max_batch=self.max_batch, max_wait_s=self.max_wait_s)
+
+
+def build_engine(settings: WorkerSettings) -> Omni:
+    """The engine a worker or the embedded runner serves jobs with (loads the model: seconds)."""
+    from omni_engine import Omni
+
+    return Omni(
+        settings.model,
+        max_loras=settings.max_loras,
+        max_cpu_loras=settings.max_cpu_loras,
+        adapter_roots=list(settings.adapter_roots),
+    )

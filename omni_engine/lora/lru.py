@@ -1,4 +1,8 @@
-"""A generic LRU cache with pinning. It knows nothing of models: the owner frees evicted values."""
+"""A generic LRU cache with pinning. It knows nothing of models: the owner frees evicted values.
+
+A cache whose every entry is pinned refuses a new one with LoRACapacityError, the one error
+for "no room, everything is pinned", whichever tier (resident slots, host memory) says it.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from omni_engine.errors import LoRACapacityError
+
 K = TypeVar("K")
 V = TypeVar("V")
-
-
-class CacheFullError(RuntimeError):
-    """Every entry is pinned, so nothing can be evicted to make room."""
 
 
 class LRUCache(Generic[K, V]):
@@ -62,7 +64,7 @@ class LRUCache(Generic[K, V]):
     def put(self, key: K, value: V) -> None:
         """Insert as most recent, evicting least recently used unpinned entries to stay in capacity."""
         if not self.has_room_for(key):
-            raise CacheFullError(f"all {self.capacity} entries are pinned")
+            raise LoRACapacityError(f"all {self.capacity} entries are pinned")
         self._entries[key] = value
         self._entries.move_to_end(key)
         while len(self._entries) > self.capacity:

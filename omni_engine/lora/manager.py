@@ -33,11 +33,7 @@ from omni_engine.lora.lru import LRUCache
 from omni_engine.lora.paths import canonical_roots
 from omni_engine.lora.prefetch import Prefetcher
 from omni_engine.lora.request import LoRARequest
-
-# Where the adapter of a call came from (CONTRACT section 4, `adapter_source`).
-SOURCE_DISK = "disk"
-SOURCE_HOST = "host"
-SOURCE_RESIDENT = "resident"
+from omni_engine.lora.source import AdapterSource
 
 _UNKNOWN = object()  # the model's active-adapter state after an injection: must be set again
 
@@ -65,7 +61,7 @@ class Activation:
     call waited for its files."""
 
     adapter: LoRAAdapter | None
-    source: str | None
+    source: AdapterSource | None
     stall_s: float = 0.0
 
 
@@ -227,7 +223,7 @@ class LoRAManager:
 
     def _acquire(
         self, request: LoRARequest, *, resident: bool, use: bool = True, record_id: bool = True
-    ) -> tuple[LoRAAdapter, str]:
+    ) -> tuple[LoRAAdapter, AdapterSource]:
         """Hold the adapter (injected too if `resident`); `use` counts the call's hit in the stats."""
         name = request.lora_name
         try:
@@ -236,10 +232,10 @@ class LoRAManager:
             held = self._held.get(key) if key is not None else None
             if held is not None and held.signature == sig:
                 adapter, replacing = held, None
-                source = SOURCE_RESIDENT if key in self._resident else SOURCE_HOST
+                source = AdapterSource.RESIDENT if key in self._resident else AdapterSource.HOST
             else:
                 adapter = self._read_now(request, sig)
-                source = SOURCE_DISK
+                source = AdapterSource.DISK
                 # Older content read from this directory makes room for the new when it goes.
                 replacing = key if key != adapter.key else None
             _check_room(self._held, adapter.key, replacing, "host slots (max_cpu_loras)")
@@ -252,12 +248,12 @@ class LoRAManager:
             raise
 
         pinned = False
-        if source == SOURCE_DISK:
+        if source == AdapterSource.DISK:
             pinned = self._admit(adapter)
             self.stats.disk_loads += 1
-        elif source == SOURCE_HOST and use:
+        elif source == AdapterSource.HOST and use:
             self.stats.cpu_hits += 1
-        elif source == SOURCE_RESIDENT and use:
+        elif source == AdapterSource.RESIDENT and use:
             self.stats.gpu_hits += 1
         if name is not None:
             self._resident.put(adapter.key, name)

@@ -47,7 +47,7 @@ def quiet_library_output() -> None:
 
 
 def resolve_device(device: str | torch.device | None, dtype: torch.dtype | str | None):
-    """cuda + bfloat16 when a GPU is there, else cpu + float32 (CONTRACT section 2)."""
+    """cuda + bfloat16 when a GPU is there, else cpu + float32 (the documented default of `Omni`)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)

@@ -13,8 +13,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from producer.settings import read_environment
+
 PRESET_FORMAT_VERSION = 1
-ENV_CACHE_DIR = "OMNI_CACHE_DIR"
+# The model an engine serves when none is named: the test-sized preset below.
+DEFAULT_MODEL = "tiny-sd3"
 CLIP_MAX_LENGTH = 77
 
 
@@ -38,8 +41,8 @@ class PresetSpec:
 
 PRESETS: dict[str, PresetSpec] = {
     # What tests use: an image at 32x32 in 2 steps takes tens of milliseconds on a CPU.
-    "tiny-sd3": PresetSpec(
-        name="tiny-sd3",
+    DEFAULT_MODEL: PresetSpec(
+        name=DEFAULT_MODEL,
         num_layers=1,
         num_attention_heads=4,
         attention_head_dim=8,
@@ -72,7 +75,7 @@ PRESETS: dict[str, PresetSpec] = {
 
 def preset_dir(name: str) -> Path:
     """Where the preset is saved: $OMNI_CACHE_DIR or ~/.cache/omni-batch, per format version."""
-    root = os.environ.get(ENV_CACHE_DIR) or os.path.join(Path.home(), ".cache", "omni-batch")
+    root = read_environment().cache_dir or os.path.join(Path.home(), ".cache", "omni-batch")
     return Path(root) / "models" / f"{name}-v{PRESET_FORMAT_VERSION}"
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures.engine import image_bytes
+from fixtures.hostile import Exploit
 from safetensors.torch import load_file, save_file
 
 from omni_engine import Omni
@@ -24,16 +25,6 @@ from omni_engine.lora.request import LoRARequest
 WEIGHTS = "adapter_model.safetensors"
 MAX_BYTES = 64 * 1024  # the engine's cap in these tests; a good adapter here is a few KiB
 CONFIG = "adapter_config.json"
-
-
-class _Exploit:
-    """Unpickling this writes a marker file: proof of code execution if it ever exists."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.write_text, (self.marker, "pwned"))
 
 
 def _rewrite(path: Path, change) -> Path:
@@ -114,7 +105,7 @@ def _build(case: str, make, tmp: Path) -> tuple[str, type[AdapterError], str]:
         path = good()
         (path / WEIGHTS).unlink()
         with open(path / "adapter_model.bin", "wb") as f:
-            pickle.dump(_Exploit(tmp / "marker"), f)
+            pickle.dump(Exploit(tmp / "marker"), f)
         return str(path), InvalidAdapterError, "pickle"
     if case == "absent-targets":
 

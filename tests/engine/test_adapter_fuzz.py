@@ -1,5 +1,7 @@
-"""Fuzzing the adapter validator: whatever bytes an adapter directory holds, `read_adapter` returns an
-adapter or raises `AdapterError`; never another exception, never a hang.
+"""Fuzzing the adapter validator: whatever bytes an adapter directory holds, the engine's two checks
+before any load (`read_adapter`, then `check_compatible` against the model's layers) give a sound
+adapter or raise `AdapterError`; never another exception, never a hang, and never an accepted adapter
+the engine could not use (no weights, non-finite weights or alpha, shapes that disagree with the ranks).
 
 Every example starts from a real, good PEFT adapter for the tiny model and damages it: raw bytes
 (bit flips, truncation, a random length prefix, random tensor data), the safetensors header (random
@@ -29,12 +31,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from omni_engine.errors import AdapterError
-from omni_engine.lora.adapter import DIFFUSERS_METADATA_KEY, read_adapter
+from omni_engine.lora.adapter import DIFFUSERS_METADATA_KEY, LORA_SUFFIXES, LoRAAdapter, read_adapter
+from omni_engine.lora.layers import LayerShape, adaptable_layers, check_compatible
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 COMPONENT = "transformer"
+MAX_RANK = 256  # Omni's default max_lora_rank
 DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "BOOL": 1}
 
 FUZZ = settings(
@@ -74,6 +78,7 @@ class GoodAdapter(_ShortRepr):
     header: dict[str, Any]
     body: bytes
     tensors: tuple[Tensor, ...]
+    layers: dict[str, LayerShape]  # what the tiny model offers LoRA
 
     def __repr__(self) -> str:
         return f"GoodAdapter({len(self.tensors)} tensors, {len(self.weights)} bytes)"
@@ -87,12 +92,14 @@ class Sample(_ShortRepr):
     weights: bytes
     weights_name: str
     steps: tuple[str, ...]
+    must_fail: bool = False  # damage no valid adapter survives (truncation, NaN or inf weights)
 
     def __repr__(self) -> str:
         return f"Sample({self.weights_name}, {len(self.weights)} bytes, steps={list(self.steps)!r})"
 
-    def check(self) -> bool:
-        return _read_or_adapter_error(self.config, self.weights, weights_name=self.weights_name)
+    def check(self, layers: dict[str, LayerShape]) -> None:
+        adapter = _read_checked(self.config, self.weights, layers, weights_name=self.weights_name)
+        assert not (self.must_fail and adapter is not None), f"accepted: {self!r}"
 
 
 def _split(weights: bytes) -> tuple[dict[str, Any], bytes]:
@@ -134,16 +141,19 @@ def good(tiny_transformer, tmp_path_factory) -> GoodAdapter:
     weights = (path / WEIGHTS).read_bytes()
     header, body = _split(weights)
     config = json.loads((path / CONFIG).read_text())
-    adapter = GoodAdapter(config, weights, header, body, _tensors(header, body))
-    assert _read_or_adapter_error(json.dumps(config).encode(), weights)  # the starting point is valid
+    adapter = GoodAdapter(
+        config, weights, header, body, _tensors(header, body), adaptable_layers(tiny_transformer)
+    )
+    assert _read_checked(json.dumps(config).encode(), weights, adapter.layers) is not None  # valid start
     return adapter
 
 
-def _read_or_adapter_error(config: bytes | None, weights: bytes, *, weights_name: str = WEIGHTS) -> bool:
-    """Write the adapter and read it: True if it was accepted, False for an AdapterError.
-
-    Anything else propagates, which is the failure the fuzzing looks for.
-    """
+def _read_checked(
+    config: bytes | None, weights: bytes, layers: dict[str, LayerShape], *, weights_name: str = WEIGHTS
+) -> LoRAAdapter | None:
+    """Write the adapter, read it and check it against `layers`, as the engine does before a load: the
+    adapter if accepted (and then it must be sound), None for an AdapterError. Anything else
+    propagates, which is the failure the fuzzing looks for."""
     with tempfile.TemporaryDirectory(prefix="omni-fuzz-") as tmp:
         directory = Path(tmp) / "adapter"
         directory.mkdir()
@@ -151,10 +161,28 @@ def _read_or_adapter_error(config: bytes | None, weights: bytes, *, weights_name
             (directory / CONFIG).write_bytes(config)
         (directory / weights_name).write_bytes(weights)
         try:
-            read_adapter(str(directory), name="fuzz", component=COMPONENT, roots=None)
+            adapter = read_adapter(str(directory), name="fuzz", component=COMPONENT, roots=None)
+            check_compatible(adapter, layers, max_rank=MAX_RANK)
         except AdapterError:
-            return False
-        return True
+            return None
+    _assert_sound(adapter)
+    return adapter
+
+
+def _assert_sound(adapter: LoRAAdapter) -> None:
+    """What the engine relies on in every adapter the validator lets through."""
+    config = adapter.config
+    assert isinstance(config.r, int) and config.r >= 1, config
+    assert math.isfinite(config.lora_alpha), config
+    assert all(math.isfinite(alpha) for alpha in config.alpha_pattern.values()), config
+    assert all(isinstance(r, int) and r >= 1 for r in config.rank_pattern.values()), config
+    assert adapter.ranks and adapter.tensors and adapter.nbytes > 0
+    assert set(adapter.tensors) == {m + suffix for m in adapter.ranks for suffix in LORA_SUFFIXES}
+    for module, rank in adapter.ranks.items():
+        a, b = (adapter.tensors[module + suffix] for suffix in LORA_SUFFIXES)
+        assert a.dtype.is_floating_point and b.dtype.is_floating_point, module
+        assert a.shape[0] == b.shape[1] == rank >= 1, module
+        assert bool(a.isfinite().all()) and bool(b.isfinite().all()), f"{module}: non-finite weights"
 
 
 # -- strategies ---------------------------------------------------------------------------------
@@ -186,7 +214,7 @@ def damaged_bytes(draw, good: GoodAdapter) -> Sample:
     (header_len,) = struct.unpack("<Q", good.weights[:8])
     header_end = 8 + header_len
     kind = draw(st.sampled_from(["flip", "truncate", "prefix", "data", "flip+truncate"]))
-    steps = [kind]
+    steps, fill = [kind], None
     if kind.startswith("flip"):
         top = draw(st.sampled_from([header_end, len(data)])) * 8
         bits = draw(st.lists(st.integers(0, top - 1), min_size=1, max_size=24))
@@ -214,7 +242,9 @@ def damaged_bytes(draw, good: GoodAdapter) -> Sample:
             "zero": bytes(size),
         }[fill]
         steps.append(f"{fill} (seed {seed})")
-    return Sample(json.dumps(good.config).encode(), bytes(data), WEIGHTS, tuple(steps))
+    # Offsets tile the data exactly, so any truncation breaks the file; NaN and inf are never weights.
+    must_fail = kind.endswith("truncate") or (kind == "data" and fill in ("nan", "inf"))
+    return Sample(json.dumps(good.config).encode(), bytes(data), WEIGHTS, tuple(steps), must_fail)
 
 
 @st.composite
@@ -411,33 +441,33 @@ def config_dicts(draw, good: GoodAdapter) -> Any:
 
 @FUZZ
 @given(data=st.data())
-def test_damaged_weight_bytes_give_an_adapter_error(good, data):
-    data.draw(damaged_bytes(good)).check()
+def test_damaged_weight_bytes_give_a_sound_adapter_or_an_adapter_error(good, data):
+    data.draw(damaged_bytes(good)).check(good.layers)
 
 
 @FUZZ
 @given(data=st.data())
-def test_random_header_json_gives_an_adapter_error(good, data):
-    data.draw(random_header(good)).check()
+def test_random_header_json_gives_a_sound_adapter_or_an_adapter_error(good, data):
+    data.draw(random_header(good)).check(good.layers)
 
 
 @FUZZ
 @given(data=st.data())
-def test_well_formed_files_with_wrong_content_give_an_adapter_error(good, data):
-    data.draw(well_formed_variant(good)).check()
+def test_well_formed_files_with_wrong_content_give_a_sound_adapter_or_an_adapter_error(good, data):
+    data.draw(well_formed_variant(good)).check(good.layers)
 
 
 @FUZZ
 @given(data=st.data())
-def test_random_config_values_give_an_adapter_error(good, data):
+def test_random_config_values_give_a_sound_adapter_or_an_adapter_error(good, data):
     config = data.draw(config_dicts(good))
-    _read_or_adapter_error(json.dumps(config).encode(), good.weights)
+    _read_checked(json.dumps(config).encode(), good.weights, good.layers)
 
 
 @FUZZ
 @given(raw=st.binary(max_size=256) | st.text(max_size=128).map(str.encode))
-def test_random_config_bytes_give_an_adapter_error(good, raw):
-    _read_or_adapter_error(raw, good.weights)
+def test_random_config_bytes_give_a_sound_adapter_or_an_adapter_error(good, raw):
+    _read_checked(raw, good.weights, good.layers)
 
 
 # -- the inputs that found bugs, and their neighbours that already pass ---------------------------
@@ -487,6 +517,10 @@ CASES = [
     "header-shape-bools",
     "header-empty-file",
 ]
+
+
+# Pinned inputs that are valid after all: they must be read, and read soundly.
+ACCEPTED = frozenset({"config-utf16"})  # the good config in UTF-16 with a BOM, which JSON readers accept
 
 
 def _case(case: str, good: GoodAdapter) -> tuple[bytes | None, bytes, str]:
@@ -545,7 +579,11 @@ def _case(case: str, good: GoodAdapter) -> tuple[bytes | None, bytes, str]:
 @pytest.mark.parametrize("case", CASES)
 def test_hostile_adapter_files_give_an_adapter_error(good, case):
     config, weights, name = _case(case, good)
-    _read_or_adapter_error(config, weights, weights_name=name)
+    adapter = _read_checked(config, weights, good.layers, weights_name=name)
+    if case in ACCEPTED:
+        assert adapter is not None, f"{case} was refused"
+    else:
+        assert adapter is None, f"{case} was accepted"
 
 
 # -- bounded time -------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from fixtures.engine import image_bytes
 
 from omni_engine.errors import AdapterNotFoundError, LoRACapacityError
-from omni_engine.lora.lru import CacheFullError, LRUCache
+from omni_engine.lora.lru import LRUCache
 from omni_engine.lora.request import LoRARequest
 
 
@@ -25,7 +25,7 @@ def test_lru_cache_evicts_least_recent_unpinned_and_tells_its_owner():
     cache.put("d", 4)
     assert evicted[-1] == ("c", 3) and list(cache) == ["a", "d"]
     cache.pin("d")
-    with pytest.raises(CacheFullError):
+    with pytest.raises(LoRACapacityError):
         cache.put("e", 5)
     assert list(cache) == ["a", "d"], "a refused put changes nothing"
     assert cache.remove("a") == 1 and not cache.is_pinned("a")

@@ -1,4 +1,4 @@
-"""The job schema (CONTRACT section 3): defaults, derived ids and seeds, every rule, error messages."""
+"""The job schema: defaults, derived ids and seeds, every rule, error messages."""
 
 from __future__ import annotations
 

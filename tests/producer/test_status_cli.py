@@ -12,9 +12,8 @@ import pytest
 from fixtures.s3_server import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, S3Server
 
 from producer.cli import main
-from producer.outputs import error_key, image_key, sidecar_key
+from producer.layout import error_key, image_key, sidecar_key
 from producer.schema import Job
-from producer.status_cli import DatasetStatus, wait_for_jobs
 from producer.storage import LocalStorage, Storage, open_storage
 
 # ---------------------------------------------------------------- helpers
@@ -144,6 +143,26 @@ def test_status_reads_the_job_file_as_submit_does(tmp_path: Path, capsys: pytest
     assert cow != cat
 
 
+def test_status_and_wait_take_the_default_flags_of_submit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every field shapes a derived id: `submit --scale 2` sent other ids than a plain submit would.
+    jobs = _jobs_file(tmp_path, [{"prompt": "a cat"}, {"prompt": "a dog", "scale": 1.0}])
+    scaled = Job.model_validate({"prompt": "a cat", "dataset": "ds", "scale": 2.0}).job_id
+    storage = LocalStorage(tmp_path / "out")
+    _done(storage, scaled)
+    argv = ["--dataset", "ds", "--out", storage.uri, "--jobs", str(jobs)]
+
+    code, out, _ = _run(capsys, "status", *argv, "--scale", "2", "--json")
+    assert code == 0
+    assert (json.loads(out)["done"], json.loads(out)["pending"]) == (1, 1)
+    code, out, _ = _run(capsys, "status", *argv, "--json")
+    assert (json.loads(out)["done"], json.loads(out)["pending"]) == (0, 2)
+    code, _, err = _run(capsys, "wait", *argv, "--scale", "9")
+    assert code == 2
+    assert "bad default flag: scale" in err
+
+
 def test_status_takes_the_output_from_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -196,10 +215,12 @@ def test_a_missing_job_file_is_bad_usage(tmp_path: Path, capsys: pytest.CaptureF
 
 
 @pytest.mark.parametrize("dataset", ["..", "a/b", ""])
-def test_a_dataset_that_is_not_a_name_is_bad_usage(tmp_path: Path, dataset: str) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["status", "--dataset", dataset, "--out", str(tmp_path)])
-    assert info.value.code == 2
+def test_a_dataset_that_is_not_a_name_is_bad_usage(
+    tmp_path: Path, dataset: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _run(capsys, "status", "--dataset", dataset, "--out", str(tmp_path))
+    assert code == 2
+    assert "bad default flag: dataset" in err
 
 
 def test_status_on_a_missing_bucket_fails_without_leaking_secrets(
@@ -303,57 +324,3 @@ def test_wait_needs_the_job_file(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as info:
         main(["wait", "--dataset", "ds", "--out", str(tmp_path)])
     assert info.value.code == 2
-
-
-# ---------------------------------------------------------------- the wait loop, on a fake clock
-
-
-def test_wait_for_jobs_returns_once_the_last_output_appears(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path / "out")
-    _done(storage, "j1")
-    seen: list[DatasetStatus] = []
-    sleeps: list[float] = []
-
-    def sleep(seconds: float) -> None:
-        # The worker finishes j2 while `wait` sleeps.
-        sleeps.append(seconds)
-        _failed(storage, "j2")
-
-    status = wait_for_jobs(
-        storage,
-        "ds",
-        frozenset({"j1", "j2"}),
-        timeout=None,
-        interval=7.0,
-        on_progress=seen.append,
-        sleep=sleep,
-    )
-    assert [(s.done, s.failed, s.pending) for s in seen] == [(1, 0, 1), (1, 1, 0)]
-    assert status == seen[-1]
-    assert sleeps == [7.0]
-
-
-def test_wait_for_jobs_gives_up_at_the_deadline(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path / "out")
-    _done(storage, "j1")
-    now = [100.0]
-    sleeps: list[float] = []
-    polls: list[float] = []
-
-    def sleep(seconds: float) -> None:
-        sleeps.append(seconds)
-        now[0] += seconds
-
-    status = wait_for_jobs(
-        storage,
-        "ds",
-        frozenset({"j1", "j2"}),
-        timeout=10.0,
-        interval=4.0,
-        on_progress=lambda _: polls.append(now[0]),
-        clock=lambda: now[0],
-        sleep=sleep,
-    )
-    assert sleeps == [4.0, 4.0, 2.0]  # never past the deadline
-    assert polls == [100.0, 104.0, 108.0, 110.0]  # one last look at the deadline
-    assert status.pending == 1

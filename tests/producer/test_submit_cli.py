@@ -13,7 +13,7 @@ import pytest
 import redis
 from fixtures.redis_server import RedisServer, free_port, queued_messages
 
-from producer import defaults
+from producer import settings
 from producer.cli import main
 
 OMNI_BATCH = Path(sys.executable).with_name("omni-batch")
@@ -21,7 +21,7 @@ OMNI_BATCH = Path(sys.executable).with_name("omni-batch")
 
 @pytest.fixture(autouse=True)
 def _no_broker_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(defaults.ENV_BROKER_URL, raising=False)
+    monkeypatch.delenv(settings.ENV_BROKER_URL, raising=False)
 
 
 def write_jobs(path: Path, *lines: object) -> str:
@@ -178,7 +178,7 @@ def test_unreachable_broker_exits_1_without_the_password(
     port = free_port()
     assert main(["submit", jobs, "--broker", f"redis://:hunter2@127.0.0.1:{port}/0"]) == 1
     captured = capsys.readouterr()
-    assert f"broker redis://:***@127.0.0.1:{port}/0 is unavailable" in captured.err
+    assert f"broker redis://***@127.0.0.1:{port}/0 is unavailable" in captured.err
     assert "nothing was sent" in captured.err
     assert "hunter2" not in captured.out + captured.err
 
@@ -190,12 +190,12 @@ def test_password_never_printed_on_success(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     server = redis_server_factory(password="s3cret-pw")
-    monkeypatch.setenv(defaults.ENV_BROKER_URL, server.url)  # no --broker: the environment's
+    monkeypatch.setenv(settings.ENV_BROKER_URL, server.url)  # no --broker: the environment's
     jobs = write_jobs(tmp_path / "jobs.jsonl", {"prompt": "a"})
     assert main(["submit", jobs]) == 0
     captured = capsys.readouterr()
     assert "s3cret-pw" not in captured.out + captured.err
-    assert f"on redis://:***@127.0.0.1:{server.port}/0" in captured.out
+    assert f"on redis://***@127.0.0.1:{server.port}/0" in captured.out
     assert len(queued_messages(server.client(), "omni")) == 1
 
 
@@ -226,10 +226,14 @@ def test_submit_works_where_torch_cannot_be_imported() -> None:
     assert "JOBS.jsonl" in done.stdout
 
 
-def test_producer_modules_do_not_import_torch() -> None:
+def test_producer_modules_and_the_lora_request_do_not_import_torch_or_the_worker() -> None:
     code = (
-        "import producer.cli, producer.client, producer.schema, producer.submit_cli, sys\n"
+        "import pkgutil, sys, producer\n"
+        "for m in pkgutil.iter_modules(producer.__path__):\n"
+        "    __import__('producer.' + m.name)\n"
+        "import omni_engine.lora.request, omni_engine.lora.source\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert not [m for m in sys.modules if m.startswith('worker')], 'worker imported'\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

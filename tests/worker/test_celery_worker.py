@@ -8,15 +8,14 @@ from datetime import UTC, datetime, timedelta
 
 from celery import Celery
 from celery.result import AsyncResult
-from fixtures.worker_process import ADAPTERS, wait_done, wait_drained, worker_flags
+from fixtures.embedded import assert_same_images_as_embedded
+from fixtures.worker_process import ADAPTERS, wait_drained, wait_settled, worker_flags
 
-from producer import outputs
+from producer import layout
 from producer.client import Client
+from producer.progress import wait_for_jobs
 from producer.schema import validate_job
-from producer.status_cli import wait_for_jobs
 from producer.storage import open_storage
-from worker.embedded import run_jobs
-from worker.settings import WorkerSettings
 
 # The grouping bound: one cold load per adapter, plus this much slack for a window that starts
 # a group before every job has been reserved.
@@ -36,10 +35,10 @@ def test_interleaved_jobs_are_grouped_and_match_the_embedded_runner(
     start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri))
 
     storage = open_storage(s3_bucket.uri)
-    status = wait_done(storage, "e2e", jobs)
+    status = wait_settled(storage, "e2e", (j.job_id for j in jobs))
     assert status.done == 60 and status.failed == 0
 
-    sidecars = [json.loads(storage.get_bytes(outputs.sidecar_key("e2e", j.job_id))) for j in jobs]
+    sidecars = [json.loads(storage.get_bytes(layout.sidecar_key("e2e", j.job_id))) for j in jobs]
     # The jobs of one engine call share its timings to the last digit: one call, one entry.
     calls = {
         (s["adapter_sha256"], s["timings"]["adapter_s"], s["timings"]["generate_s"]): s for s in sidecars
@@ -49,20 +48,7 @@ def test_interleaved_jobs_are_grouped_and_match_the_embedded_runner(
     assert cold <= len(ADAPTERS) + LOAD_SLACK, cold
     assert {s["status"] for s in sidecars} == {"ok"}
 
-    embedded_out = str(tmp_path / "embedded")
-    settings = WorkerSettings(
-        adapter_roots=(str(six_adapters),), max_loras=1, max_cpu_loras=1, window=64, output_uri=embedded_out
-    )
-    from omni_engine import Omni
-
-    engine = Omni("tiny-sd3", max_loras=1, max_cpu_loras=1, adapter_roots=[str(six_adapters)])
-    run_jobs(jobs, engine=engine, settings=settings)
-    local = open_storage(embedded_out)
-    for job in jobs:
-        key = outputs.image_key("e2e", job.job_id)
-        assert storage.get_bytes(key) == local.get_bytes(key), (
-            f"job {job.job_id} differs from the embedded run"
-        )
+    assert_same_images_as_embedded(storage, jobs, six_adapters, tmp_path / "embedded")
 
 
 def test_bad_jobs_fail_clearly_and_every_other_job_succeeds(
@@ -99,10 +85,10 @@ def test_bad_jobs_fail_clearly_and_every_other_job_succeeds(
     )
     assert status.done == 3 and status.failed == 2
 
-    missing = json.loads(storage.get_bytes(outputs.error_key("mixed", unknown.job_id)))
+    missing = json.loads(storage.get_bytes(layout.error_key("mixed", unknown.job_id)))
     assert missing["status"] == "failed" and missing["error_type"] == "AdapterNotFoundError"
     assert "no-such-style" in missing["error"]
-    bad_size = json.loads(storage.get_bytes(outputs.error_key("mixed", "raw-bad-size")))
+    bad_size = json.loads(storage.get_bytes(layout.error_key("mixed", "raw-bad-size")))
     assert bad_size["error_type"] == "JobValidationError" and "width" in bad_size["error"]
     wait_drained(redis_server.client())
     assert not any(late.job_id in key for key in storage.list_keys("mixed/")), "an expired job ran"
@@ -123,12 +109,12 @@ def test_a_job_sent_twice_and_a_finished_dataset_generate_nothing_more(
         client.submit_many([jobs[0], jobs[0]])
         start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri))
         storage = open_storage(s3_bucket.uri)
-        wait_done(storage, "again", jobs[:1])
+        wait_settled(storage, "again", [jobs[0].job_id])
         client.submit_many(jobs)
-        wait_done(storage, "again", jobs)
-        first = {j.job_id: storage.get_bytes(outputs.sidecar_key("again", j.job_id)) for j in jobs}
+        wait_settled(storage, "again", (j.job_id for j in jobs))
+        first = {j.job_id: storage.get_bytes(layout.sidecar_key("again", j.job_id)) for j in jobs}
 
         client.submit_many(jobs)  # the whole dataset again
         wait_drained(redis_server.client())
     # Every sidecar carries its run's timings: unchanged bytes mean nothing was generated again.
-    assert {j.job_id: storage.get_bytes(outputs.sidecar_key("again", j.job_id)) for j in jobs} == first
+    assert {j.job_id: storage.get_bytes(layout.sidecar_key("again", j.job_id)) for j in jobs} == first

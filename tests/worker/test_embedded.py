@@ -13,7 +13,7 @@ from PIL import Image
 
 from omni_engine import Omni
 from omni_engine.lora.request import LoRARequest
-from producer import outputs
+from producer import layout
 from producer.schema import validate_job
 from producer.storage import open_storage
 from worker.demo import DEMO_ADAPTERS, DEMO_DATASET, demo_jobs, run_demo
@@ -33,9 +33,9 @@ def test_demo_writes_every_image_with_minimum_loads_and_reruns_as_a_no_op(tmp_pa
     )
     storage = open_storage(str(tmp_path / "images"))
     for job in jobs:
-        record = json.loads(storage.get_bytes(outputs.sidecar_key(DEMO_DATASET, job.job_id)))
+        record = json.loads(storage.get_bytes(layout.sidecar_key(DEMO_DATASET, job.job_id)))
         assert record["status"] == "ok" and record["job"] == job.wire_dict()
-        assert storage.get_bytes(outputs.image_key(DEMO_DATASET, job.job_id)).startswith(b"\x89PNG")
+        assert storage.get_bytes(layout.image_key(DEMO_DATASET, job.job_id)).startswith(b"\x89PNG")
         assert (record["adapter_sha256"] is None) == (job.adapter is None)
 
     again, _ = run_demo(tmp_path)
@@ -60,16 +60,16 @@ def test_run_stores_the_engines_exact_bytes_and_records_a_bad_job(tmp_path, make
     assert (summary.images, summary.failed) == (5, 1)
     assert summary.adapter_loads == 2, "grouping: one load per adapter even with a one-adapter cache"
     storage = open_storage(output_uri)
-    error = json.loads(storage.get_bytes(outputs.error_key("ds", bad.job_id)))
+    error = json.loads(storage.get_bytes(layout.error_key("ds", bad.job_id)))
     assert error["status"] == "failed" and error["error_type"] == "AdapterNotFoundError"
     assert "nope" in error["error"]
-    assert not storage.exists(outputs.sidecar_key("ds", bad.job_id))
+    assert not storage.exists(layout.sidecar_key("ds", bad.job_id))
 
     direct = Omni("tiny-sd3", adapter_roots=[str(root)])
     for job in jobs:
         request = LoRARequest(job.adapter, 1, str(root / job.adapter)) if job.adapter else None
         image = direct.generate(job.prompt, lora_request=request, seed=job.seed)[0].images[0]
-        stored = storage.get_bytes(outputs.image_key("ds", job.job_id))
+        stored = storage.get_bytes(layout.image_key("ds", job.job_id))
         ours = Image.open(BytesIO(stored))
         diff = max(abs(x - y) for x, y in zip(ours.tobytes(), image.tobytes(), strict=True))
         assert diff <= 1, job

@@ -14,7 +14,7 @@ from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from omni_engine import Omni
-from producer import outputs
+from producer import layout
 from producer.errors import StorageUnavailableError
 from producer.schema import validate_job
 from producer.storage import open_storage
@@ -67,8 +67,8 @@ def test_a_result_is_stored_once_the_server_is_back(s3_server):
 
     assert outcome["error"] is None
     job = result.item.job
-    assert storage.get_bytes(outputs.image_key(job.dataset, job.job_id)) == b"\x89PNG generated once"
-    record = json.loads(storage.get_bytes(outputs.sidecar_key(job.dataset, job.job_id)))
+    assert storage.get_bytes(layout.image_key(job.dataset, job.job_id)) == b"\x89PNG generated once"
+    record = json.loads(storage.get_bytes(layout.sidecar_key(job.dataset, job.job_id)))
     assert record["status"] == "ok" and "store_s" in record["timings"]
     server.stop()
 

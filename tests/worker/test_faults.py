@@ -14,18 +14,16 @@ import time
 
 import boto3
 import pytest
+from fixtures.embedded import assert_same_images_as_embedded
 from fixtures.redis_server import free_port, queued_messages
-from fixtures.worker_process import ADAPTERS, wait_done, worker_flags
+from fixtures.worker_process import ADAPTERS, wait_settled, worker_flags
 from moto.server import ThreadedMotoServer
 
-from omni_engine import Omni
-from producer import outputs
+from producer import layout
 from producer.client import Client
 from producer.errors import BrokerUnavailableError
 from producer.schema import validate_job
 from producer.storage import open_storage
-from worker.embedded import run_jobs
-from worker.settings import WorkerSettings
 
 SHORT_VISIBILITY_S = "4"
 
@@ -59,20 +57,11 @@ def _assert_each_once_with_the_right_bytes(storage, jobs, adapter_root, tmp_path
     """One image and one sidecar per job, and the image is, byte for byte, what a clean run makes."""
     keys = set(storage.list_keys(f"{jobs[0].dataset}/"))
     for job in jobs:
-        assert outputs.sidecar_key(job.dataset, job.job_id) in keys
-        assert outputs.error_key(job.dataset, job.job_id) not in keys
-    images = [k for k in keys if k.endswith(outputs.IMAGE_SUFFIX)]
+        assert layout.sidecar_key(job.dataset, job.job_id) in keys
+        assert layout.error_key(job.dataset, job.job_id) not in keys
+    images = [k for k in keys if k.endswith(layout.IMAGE_SUFFIX)]
     assert len(images) == len(jobs)
-    reference = str(tmp_path / "reference")
-    settings = WorkerSettings(
-        adapter_roots=(str(adapter_root),), max_loras=1, max_cpu_loras=1, max_batch=1, output_uri=reference
-    )
-    engine = Omni("tiny-sd3", max_loras=1, max_cpu_loras=1, adapter_roots=[str(adapter_root)])
-    run_jobs(jobs, engine=engine, settings=settings)
-    clean = open_storage(reference)
-    for job in jobs:
-        key = outputs.image_key(job.dataset, job.job_id)
-        assert storage.get_bytes(key) == clean.get_bytes(key), job.job_id
+    assert_same_images_as_embedded(storage, jobs, adapter_root, tmp_path / "reference", max_batch=1)
 
 
 def test_kill_9_mid_group_loses_nothing_and_duplicates_nothing(
@@ -89,7 +78,7 @@ def test_kill_9_mid_group_loses_nothing_and_duplicates_nothing(
     first.stop(signal.SIGKILL)
 
     start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL))
-    wait_done(storage, "killed", jobs)
+    wait_settled(storage, "killed", (j.job_id for j in jobs))
     _assert_each_once_with_the_right_bytes(storage, jobs, six_adapters, tmp_path)
 
 
@@ -110,7 +99,7 @@ def test_a_job_redelivered_while_held_is_not_lost_when_the_worker_dies(
 
     start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL))
     storage = open_storage(s3_bucket.uri)
-    wait_done(storage, "held", jobs, timeout=120)
+    wait_settled(storage, "held", (j.job_id for j in jobs), timeout=120)
     _assert_each_once_with_the_right_bytes(storage, jobs, six_adapters, tmp_path)
 
 
@@ -151,7 +140,7 @@ def test_redis_restart_with_persistence_keeps_queued_jobs_and_workers_reconnect(
     _wait_for(lambda: any(k.endswith(".json") for k in storage.list_keys("restart/")), "a first sidecar")
     redis.kill()
     redis.start()  # same port: the worker reconnects on its own
-    wait_done(storage, "restart", jobs)
+    wait_settled(storage, "restart", (j.job_id for j in jobs))
     _assert_each_once_with_the_right_bytes(storage, jobs, six_adapters, tmp_path)
 
 
@@ -175,7 +164,9 @@ def test_s3_outage_is_waited_out_without_regenerating(
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     s3.start()
     try:
-        wait_done(open_storage("s3://outage/out", endpoint_url=endpoint), "outage", jobs)
+        wait_settled(
+            open_storage("s3://outage/out", endpoint_url=endpoint), "outage", (j.job_id for j in jobs)
+        )
     finally:
         s3.stop()
     runs = sum(int(n) for n in re.findall(r"running (\d+) job\(s\)", worker.log))
@@ -220,7 +211,7 @@ def test_a_poison_job_is_failed_after_a_bound_and_the_rest_complete(
 
     def settled() -> bool:
         return {
-            outputs.classify_key(k).job_id for k in storage.list_keys("poison/") if k.endswith(".json")
+            layout.classify_key(k).job_id for k in storage.list_keys("poison/") if k.endswith(".json")
         } >= expected
 
     crashes = 0
@@ -235,7 +226,7 @@ def test_a_poison_job_is_failed_after_a_bound_and_the_rest_complete(
         assert crashes <= 5, "the poison job was redelivered without bound"
     assert crashes == 2, "one crash per start, up to the bound of 2 starts"
 
-    record = json.loads(storage.get_bytes(outputs.error_key("poison", poison.job_id)))
+    record = json.loads(storage.get_bytes(layout.error_key("poison", poison.job_id)))
     assert record["error_type"] == "PoisonJobError" and "not run again" in record["error"]
     for job in good:
-        assert storage.exists(outputs.sidecar_key("poison", job.job_id))
+        assert storage.exists(layout.sidecar_key("poison", job.job_id))

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,19 +20,18 @@ import pytest
 import redis
 from fixtures.redis_server import HOST, free_port, queued_messages
 from fixtures.s3_server import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY
+from fixtures.worker_process import wait_drained, wait_settled
 
 from producer import defaults as d
+from producer import settings
 from producer.client import Client
 from producer.schema import validate_job
-from producer.status_cli import dataset_status
 from producer.storage import open_storage
 
 REDIS_PASSWORD = "omni-test-redis-pass"
 SECRETS = (FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, REDIS_PASSWORD)
 OMNI_BATCH = Path(sys.executable).with_name("omni-batch")
 DATASET = "secrets"
-DONE_TIMEOUT_S = 120.0
-POLL_S = 0.1
 SUBMIT_TIMEOUT_S = 60
 
 
@@ -45,23 +43,6 @@ def _assert_no_secret(where: str, data: str | bytes) -> None:
 
 def _results_url(broker_url: str) -> str:
     return broker_url.rsplit("/", 1)[0] + "/1"
-
-
-def _wait_settled(storage, job_ids: set[str], worker):
-    """Until every job has its sidecar or error record; fails fast if the worker died."""
-    deadline = time.monotonic() + DONE_TIMEOUT_S
-    while (status := dataset_status(storage, DATASET, frozenset(job_ids))).pending:
-        assert worker.proc.poll() is None, f"the worker exited:\n{worker.log[-6000:]}"
-        assert time.monotonic() < deadline, f"jobs never settled:\n{worker.log[-6000:]}"
-        time.sleep(POLL_S)  # polling a condition with a deadline
-    return status
-
-
-def _wait_drained(client: redis.Redis) -> None:
-    deadline = time.monotonic() + DONE_TIMEOUT_S
-    while client.hlen("unacked") or any(client.scan_iter(match=f"{d.QUEUE}*")):
-        assert time.monotonic() < deadline, "messages still queued or unacked"
-        time.sleep(POLL_S)  # polling a condition with a deadline
 
 
 def _kombu_bodies(value: Any) -> Iterator[bytes]:
@@ -148,8 +129,8 @@ def test_a_whole_run_leaks_no_secret(
 ):
     server = redis_server_factory(password=REDIS_PASSWORD)
     # Configured the way the contract says: the environment (flags are tested below).
-    monkeypatch.setenv(d.ENV_BROKER_URL, server.url)
-    monkeypatch.setenv(d.ENV_RESULT_BACKEND, _results_url(server.url))
+    monkeypatch.setenv(settings.ENV_BROKER_URL, server.url)
+    monkeypatch.setenv(settings.ENV_RESULT_BACKEND, _results_url(server.url))
     worker = start_worker("--adapter-root", str(adapter_root), "--out", s3_bucket.uri, "--idle", "0.2")
 
     good = [
@@ -163,10 +144,12 @@ def test_a_whole_run_leaks_no_secret(
         client.app.send_task(d.TASK_NAME, args=[raw], queue=d.QUEUE, task_id=raw["job_id"])
 
     storage = open_storage(s3_bucket.uri)
-    status = _wait_settled(storage, {*(j.job_id for j in [*good, unknown]), raw["job_id"]}, worker)
+    status = wait_settled(
+        storage, DATASET, {*(j.job_id for j in [*good, unknown]), raw["job_id"]}, worker=worker
+    )
     assert status.done == 3 and status.failed == 2
     with server.client() as client:
-        _wait_drained(client)
+        wait_drained(client)
     # The result backend holds the failures (so the scan below reads real records).
     with redis.Redis(host=HOST, port=server.port, password=REDIS_PASSWORD, db=1) as results:
         assert any(results.scan_iter(match="celery-task-meta-*"))
@@ -178,14 +161,14 @@ def test_a_whole_run_leaks_no_secret(
 
 def test_debug_logging_leaks_no_secret(redis_server_factory, s3_bucket, start_worker, monkeypatch):
     server = redis_server_factory(password=REDIS_PASSWORD)
-    monkeypatch.setenv(d.ENV_RESULT_BACKEND, _results_url(server.url))
+    monkeypatch.setenv(settings.ENV_RESULT_BACKEND, _results_url(server.url))
     worker = start_worker(
         "--broker", server.url, "--out", s3_bucket.uri, "--idle", "0.2", "--loglevel", "DEBUG"
     )
     job = validate_job({"prompt": "debug", "dataset": DATASET})
     with Client(server.url) as client:
         client.submit(job)
-    _wait_settled(open_storage(s3_bucket.uri), {job.job_id}, worker)
+    wait_settled(open_storage(s3_bucket.uri), DATASET, {job.job_id}, worker=worker)
     assert worker.stop() == 0
     assert "DEBUG" in worker.log
     _assert_run_leaked_nothing(worker, s3_bucket, server)
@@ -206,7 +189,7 @@ def test_credentials_sent_in_a_job_are_refused_and_never_stored(
     with Client(server.url) as client:
         client.app.send_task(d.TASK_NAME, args=[raw], queue=d.QUEUE, task_id=raw["job_id"])
     storage = open_storage(s3_bucket.uri)
-    _wait_settled(storage, {raw["job_id"]}, worker)
+    wait_settled(storage, DATASET, {raw["job_id"]}, worker=worker)
     record = json.loads(storage.get_bytes(f"{DATASET}/{raw['job_id']}.error.json"))
     assert record["error_type"] == "JobValidationError" and "output" in record["error"]
     assert worker.stop() == 0
@@ -214,7 +197,7 @@ def test_credentials_sent_in_a_job_are_refused_and_never_stored(
 
 
 def _submit(jobs: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if k != d.ENV_BROKER_URL}
+    environ = {k: v for k, v in os.environ.items() if k != settings.ENV_BROKER_URL}
     return subprocess.run(
         [str(OMNI_BATCH), "submit", str(jobs), *args],
         capture_output=True,
@@ -236,11 +219,11 @@ def test_submit_never_prints_the_broker_password(redis_server_factory, tmp_path)
 
     runs = {
         "flag": (_submit(jobs, "--broker", server.url), 0),
-        "environment": (_submit(jobs, env={d.ENV_BROKER_URL: server.url}), 0),
+        "environment": (_submit(jobs, env={settings.ENV_BROKER_URL: server.url}), 0),
         "user and password": (_submit(jobs, "--broker", with_user), 0),
         "wrong password": (_submit(jobs, "--broker", wrong), 1),
         "unreachable": (_submit(jobs, "--broker", unreachable), 1),
-        "unreachable, environment": (_submit(jobs, env={d.ENV_BROKER_URL: unreachable}), 1),
+        "unreachable, environment": (_submit(jobs, env={settings.ENV_BROKER_URL: unreachable}), 1),
     }
     for name, (result, code) in runs.items():
         output = result.stdout + result.stderr

@@ -9,38 +9,25 @@ from __future__ import annotations
 
 import json
 import pickle
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
 from celery.result import AsyncResult
-from fixtures.redis_server import priority_key
+from fixtures.hostile import Exploit
+from fixtures.worker_process import assert_alive, wait_drained, wait_settled
 from kombu import Connection
 
 from producer import defaults as d
-from producer import outputs
+from producer import layout, settings
 from producer.client import Client, celery_config
 from producer.schema import Job, validate_job
-from producer.status_cli import dataset_status
 from producer.storage import Storage, open_storage
 
 DATASET = "hostile"
 # The bound on every wait: a tiny-model job takes well under a second once the worker is up.
-DONE_TIMEOUT_S = 120.0
-POLL_S = 0.1
 WIRE_SECRET = "wire-secret-pass"
-
-
-class _Exploit:
-    """Unpickling this writes a marker file: proof of code execution if the file ever exists."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.write_text, (self.marker, "pwned"))
 
 
 def _worker_flags(redis_url: str, out: str, *extra: str) -> list[str]:
@@ -88,46 +75,18 @@ def _send_raw_job(client: Client, job: dict[str, Any]) -> None:
     client.app.send_task(d.TASK_NAME, args=[job], queue=d.QUEUE, task_id=job["job_id"])
 
 
-def _assert_alive(worker) -> None:
-    assert worker.proc.poll() is None, f"the worker exited ({worker.proc.returncode}):\n{worker.log[-6000:]}"
-
-
-def _wait_drained(redis_client, worker, timeout: float = DONE_TIMEOUT_S) -> None:
-    """Until nothing is queued or reserved (any body, so not fixtures.queued_messages); fails fast if
-    the worker died."""
-    deadline = time.monotonic() + timeout
-    while any(redis_client.llen(priority_key(d.QUEUE, p)) for p in range(d.MAX_PRIORITY + 1)) or (
-        redis_client.hlen("unacked")
-    ):
-        _assert_alive(worker)
-        assert time.monotonic() < deadline, "messages still queued or unacked"
-        time.sleep(POLL_S)  # polling a condition with a deadline
-
-
-def _wait_settled(storage: Storage, dataset: str, job_ids: set[str], worker, timeout: float = DONE_TIMEOUT_S):
-    """Until every job has its sidecar or error record; fails fast if the worker died."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = dataset_status(storage, dataset, frozenset(job_ids))
-        if not status.pending:
-            return status
-        _assert_alive(worker)
-        assert time.monotonic() < deadline, f"{status.pending} job(s) never settled:\n{worker.log[-6000:]}"
-        time.sleep(POLL_S)  # polling a condition with a deadline
-
-
 def _serves_a_good_job(redis_url: str, storage: Storage, worker, tag: str) -> Job:
     """The worker still generates: a normal job submitted now completes."""
     job = validate_job({"prompt": f"still serving {tag}", "dataset": "after"})
     with Client(redis_url) as client:
         client.submit(job)
-    status = _wait_settled(storage, "after", {job.job_id}, worker)
+    status = wait_settled(storage, "after", {job.job_id}, worker=worker)
     assert status.done == 1 and status.failed == 0
     return job
 
 
 def _record(storage: Storage, dataset: str, job_id: str) -> dict[str, Any]:
-    raw = storage.get_bytes(outputs.error_key(dataset, job_id))
+    raw = storage.get_bytes(layout.error_key(dataset, job_id))
     assert raw is not None, f"no error record for {dataset}/{job_id}"
     record = json.loads(raw)
     assert record["status"] == "failed"
@@ -144,7 +103,7 @@ def test_pickle_and_foreign_tasks_are_refused_and_run_nothing(
 
     # 1. omni.generate headers, a pickle body whose unpickling writes the marker: declared as
     #    pickle, and lying that it is JSON.
-    exploit = pickle.dumps(((_Exploit(marker),), {}, {"callbacks": None, "errbacks": None, "chain": None}))
+    exploit = pickle.dumps(((Exploit(marker),), {}, {"callbacks": None, "errbacks": None, "chain": None}))
     _publish_raw(redis_url, exploit, content_type="application/x-python-serialize")
     _publish_raw(redis_url, exploit, content_type="application/json")
 
@@ -165,7 +124,7 @@ def test_pickle_and_foreign_tasks_are_refused_and_run_nothing(
         }
         for task_id, call in odd.items():
             client.app.send_task(d.TASK_NAME, queue=d.QUEUE, task_id=task_id, **call)
-    _wait_drained(redis_server.client(), worker)
+    wait_drained(redis_server.client(), worker=worker)
 
     for task_id in odd:
         record = _record(storage, d.DEFAULT_DATASET, task_id)
@@ -173,12 +132,12 @@ def test_pickle_and_foreign_tasks_are_refused_and_run_nothing(
     _serves_a_good_job(redis_url, storage, worker, "pickle")
     # Drained, so every hostile message was taken and settled before the good job ran.
     assert not marker.exists(), "a hostile message ran code in the worker"
-    _assert_alive(worker)
+    assert_alive(worker)
 
 
 def test_celery_builtin_tasks_are_not_served(redis_url, redis_server, start_worker, tmp_path, monkeypatch):
     results_url = redis_url.rsplit("/", 1)[0] + "/1"
-    monkeypatch.setenv(d.ENV_RESULT_BACKEND, results_url)
+    monkeypatch.setenv(settings.ENV_RESULT_BACKEND, results_url)
     out = str(tmp_path / "out")
     worker = start_worker(*_worker_flags(redis_url, out))
     with Client(redis_url) as client:
@@ -186,7 +145,7 @@ def test_celery_builtin_tasks_are_not_served(redis_url, redis_server, start_work
             "accumulate": client.app.send_task("celery.accumulate", args=[1, 2], queue=d.QUEUE).id,
             "cleanup": client.app.send_task("celery.backend_cleanup", queue=d.QUEUE).id,
         }
-    _wait_drained(redis_server.client(), worker)
+    wait_drained(redis_server.client(), worker=worker)
     _serves_a_good_job(redis_url, open_storage(out), worker, "builtins")
 
     results = Celery(backend=results_url, set_as_current=False)
@@ -202,9 +161,9 @@ def test_malformed_envelopes_are_discarded_and_the_worker_keeps_serving(
     bodies = [b'"hello"', b"[1, 2]", b"null", b"42", b"{}", b"[]", b"[[], {}]", b"\xff\xfe not utf-8"]
     for body in bodies:
         _publish_raw(redis_url, body, content_type="application/json")
-    _wait_drained(redis_server.client(), worker)
+    wait_drained(redis_server.client(), worker=worker)
     _serves_a_good_job(redis_url, open_storage(out), worker, "envelopes")
-    _assert_alive(worker)
+    assert_alive(worker)
 
 
 def test_path_like_adapters_and_foreign_outputs_fail_with_an_error_record(
@@ -252,7 +211,7 @@ def test_path_like_adapters_and_foreign_outputs_fail_with_an_error_record(
 
     storage = open_storage(out)
     bad_ids = {*bad_adapters, *bad_outputs, escape.job_id}
-    status = _wait_settled(storage, DATASET, bad_ids | {j.job_id for j in good}, worker)
+    status = wait_settled(storage, DATASET, bad_ids | {j.job_id for j in good}, worker=worker)
     assert status.done == len(good), status
     assert set(status.failed_job_ids) == bad_ids
 
@@ -270,14 +229,14 @@ def test_path_like_adapters_and_foreign_outputs_fail_with_an_error_record(
 
     keys = set(storage.list_keys(f"{DATASET}/"))
     for job_id in bad_ids:
-        assert outputs.image_key(DATASET, job_id) not in keys
-        assert outputs.sidecar_key(DATASET, job_id) not in keys
+        assert layout.image_key(DATASET, job_id) not in keys
+        assert layout.sidecar_key(DATASET, job_id) not in keys
     # Nothing was written beside the outside adapter, and nothing at the hostile output paths.
     assert sorted((p.name, p.stat().st_mtime_ns) for p in outside.iterdir()) == outside_before
     assert not Path("/tmp/x\ny").exists()
     assert WIRE_SECRET not in worker.log
-    _assert_alive(worker)
+    assert_alive(worker)
     # The good jobs around them ran normally, each with its own adapter.
     for job in good:
-        sidecar = json.loads(storage.get_bytes(outputs.sidecar_key(DATASET, job.job_id)))
+        sidecar = json.loads(storage.get_bytes(layout.sidecar_key(DATASET, job.job_id)))
         assert sidecar["status"] == "ok" and sidecar["adapter"] == job.adapter

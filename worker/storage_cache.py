@@ -1,8 +1,10 @@
-"""One storage per output URI for a worker's life (opening an S3 client is not free)."""
+"""One open storage per output URI for a worker's life (opening an S3 client is not free)."""
 
 from __future__ import annotations
 
+from producer.errors import InvalidStorageURIError
 from producer.schema import Job
+from producer.settings import ENV_OUTPUT_URI
 from producer.storage import Storage, open_storage
 
 
@@ -15,10 +17,11 @@ class StorageCache:
         self._open: dict[str, Storage] = {}
 
     def for_job(self, job: Job) -> Storage:
+        """The job's own output, else the default; InvalidStorageURIError when it has neither."""
         uri = job.output or self._default
         if uri is None:
-            raise ValueError(
-                f"job {job.job_id} has no output and no default output (--out or OMNI_OUTPUT_URI)"
+            raise InvalidStorageURIError(
+                f"job {job.job_id} has no output and the worker no default output (--out or {ENV_OUTPUT_URI})"
             )
         return self.for_uri(uri)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from producer.errors import InvalidStorageKeyError
-from producer.outputs import (
+from producer.layout import (
     OutputKind,
     OutputRef,
     classify_key,

@@ -1,8 +1,10 @@
-"""Where a job's outputs live under an output root (CONTRACT section 4), in one place.
+"""The key layout: where a job's outputs live under an output root, and what may name them.
 
 `<dataset>/<job_id>.png` is the image, `<dataset>/<job_id>.json` the sidecar (written last: its
 presence means the job is done) and `<dataset>/<job_id>.error.json` the record of a job that failed
 for good. The worker writes these keys and `status` reads them, so both go through this module.
+A dataset name and a job id become path components, so the rule for names lives here too, and
+the job schema checks its `dataset` and `job_id` with it.
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ ERROR_SUFFIX = ".error.json"
 IMAGE_CONTENT_TYPE = "image/png"
 JSON_CONTENT_TYPE = "application/json"
 
-# The schema's rule for dataset names and job ids; "." and ".." would be path segments, not names.
-_NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_NAME_LENGTH}}}")
+_NAME_CHARS = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class OutputKind(StrEnum):
@@ -39,16 +40,35 @@ class OutputRef(NamedTuple):
     kind: OutputKind
 
 
+def name_problem(value: str) -> str | None:
+    """Why `value` cannot name a dataset or a job, or None if it can."""
+    if not 1 <= len(value) <= MAX_NAME_LENGTH:
+        return f"must be 1..{MAX_NAME_LENGTH} characters"
+    if not _NAME_CHARS.fullmatch(value):
+        return "only letters, digits, '.', '_' and '-' are allowed"
+    if value in (".", ".."):
+        return "'.' and '..' are not allowed (the name becomes a path component)"
+    return None
+
+
+def key_problem(key: str) -> str | None:
+    """Why `key` is not a plain relative path under a root (nor an S3 prefix), or None if it is."""
+    if "\\" in key or "\x00" in key or any(part in ("", ".", "..") for part in key.split("/")):
+        return (
+            "not a relative path inside the storage root "
+            "(no absolute path, no '.', '..' or empty segment, no backslash)"
+        )
+    return None
+
+
 def _is_name(value: str) -> bool:
-    return _NAME.fullmatch(value) is not None and value not in (".", "..")
+    return name_problem(value) is None
 
 
 def _check_name(field: str, value: str) -> str:
-    if not _is_name(value):
-        raise InvalidStorageKeyError(
-            f"{field} {value!r} cannot name an output: "
-            f"use 1-{MAX_NAME_LENGTH} of [A-Za-z0-9._-], not '.' or '..'"
-        )
+    problem = name_problem(value)
+    if problem is not None:
+        raise InvalidStorageKeyError(f"{field} {value!r} cannot name an output: {problem}")
     return value
 
 

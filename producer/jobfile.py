@@ -1,0 +1,85 @@
+"""The job file: JSONL, one job per line, read whole and validated before any job is used.
+
+The one reader of job files: submit, run, status and wait all count lines, apply defaults and
+derive ids alike, so a job's id in `status` is the id `submit` sent. Validating the whole file
+first means a typo on line 90,000 costs nothing: no half-submitted batch to clean up.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from producer.errors import JobFileError, JobValidationError
+from producer.schema import Job, parse_job_line
+
+STDIN = "-"
+MAX_PROBLEMS_SHOWN = 20
+
+
+class JobFile(NamedTuple):
+    """The distinct jobs of a file in order, and how many identical repeats were dropped."""
+
+    jobs: list[Job]
+    duplicates: int
+
+
+def _read(path: str) -> bytes:
+    try:
+        if path == STDIN:
+            return sys.stdin.buffer.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise JobFileError(f"cannot read {path}: {e.strerror or e}") from e
+
+
+def read_job_file(path: str, defaults: Mapping[str, Any] | None = None, *, action: str) -> JobFile:
+    """Every job of the file (`-`: stdin), `defaults` filling the fields a line lacks.
+
+    Raises JobFileError listing each bad line (and saying nothing was `action`), or when the file
+    holds no job. Identical repeats are dropped; two different jobs with one job_id are an error.
+    """
+    name = "stdin" if path == STDIN else path
+    problems: list[str] = []
+    bad_lines: set[int] = set()
+    jobs: list[Job] = []
+    seen: dict[str, tuple[int, Job]] = {}
+    duplicates = 0
+    # bytes.splitlines splits on \n, \r\n and \r only: never inside a JSON string.
+    for lineno, raw in enumerate(_read(path).splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            job = parse_job_line(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"), defaults=defaults)
+        except UnicodeDecodeError as e:
+            problems.append(f"line {lineno}: not UTF-8 ({e.reason} at byte {e.start})")
+            bad_lines.add(lineno)
+            continue
+        except JobValidationError as e:
+            problems.extend(f"line {lineno}: {problem}" for problem in e.problems)
+            bad_lines.add(lineno)
+            continue
+        first = seen.setdefault(job.job_id, (lineno, job))
+        if first[1] is job:
+            jobs.append(job)
+        elif first[1] == job:
+            duplicates += 1
+        else:
+            problems.append(
+                f"line {lineno}: job_id = {job.job_id!r}: line {first[0]} has a different job with this "
+                "job_id (the idempotency key); give one of them its own job_id"
+            )
+            bad_lines.add(lineno)
+    if problems:
+        shown = problems[:MAX_PROBLEMS_SHOWN]
+        if len(problems) > len(shown):
+            shown.append(f"... and {len(problems) - len(shown)} more")
+        raise JobFileError(
+            f"{name}: {len(bad_lines)} bad line(s); nothing was {action}:\n  " + "\n  ".join(shown),
+            problems,
+        )
+    if not jobs:
+        raise JobFileError(f"{name}: no jobs (the input is empty)")
+    return JobFile(jobs, duplicates)

@@ -1,0 +1,88 @@
+"""The environment, read in one place: every `OMNI_*` variable omni-batch understands.
+
+Flags win over the environment, and the environment over each reader's own defaults, so this
+module only says what is set: `None` (or `()`) where a variable is unset or empty. The producer
+fills in its broker default here; the worker (`worker.settings`), the engine's command line and
+its model cache (`omni_engine.models.presets`) apply their own defaults to what is left unset.
+Nothing else in the tree reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from producer.defaults import DEFAULT_BROKER_URL
+from producer.errors import SettingsError
+
+ENV_BROKER_URL = "OMNI_BROKER_URL"
+ENV_RESULT_BACKEND = "OMNI_RESULT_BACKEND"
+ENV_OUTPUT_URI = "OMNI_OUTPUT_URI"
+ENV_S3_ENDPOINT_URL = "OMNI_S3_ENDPOINT_URL"
+ENV_MODEL = "OMNI_MODEL"
+ENV_ADAPTER_ROOTS = "OMNI_ADAPTER_ROOTS"
+ENV_MAX_LORAS = "OMNI_MAX_LORAS"
+ENV_MAX_CPU_LORAS = "OMNI_MAX_CPU_LORAS"
+ENV_VISIBILITY_TIMEOUT = "OMNI_VISIBILITY_TIMEOUT"
+ENV_WINDOW = "OMNI_WINDOW"
+ENV_MAX_ATTEMPTS = "OMNI_MAX_ATTEMPTS"
+ENV_MAX_BATCH = "OMNI_MAX_BATCH"
+ENV_CACHE_DIR = "OMNI_CACHE_DIR"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Environment:
+    """What the `OMNI_*` variables say, typed. Unset: None, so the reader's own default applies."""
+
+    broker_url: str = DEFAULT_BROKER_URL
+    result_backend: str | None = None
+    output_uri: str | None = None
+    s3_endpoint_url: str | None = None
+    model: str | None = None
+    adapter_roots: tuple[str, ...] = ()
+    max_loras: int | None = None
+    max_cpu_loras: int | None = None
+    visibility_timeout_s: int | None = None
+    window: int | None = None
+    max_attempts: int | None = None
+    max_batch: int | None = None
+    cache_dir: str | None = None
+
+
+def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
+    """The environment as it is now (`environ` defaults to `os.environ`).
+
+    Read at each call, not once at import, so a process that sets a variable (a test, a launcher)
+    is seen. A malformed number raises SettingsError naming the variable.
+    """
+    env = os.environ if environ is None else environ
+
+    def text(name: str) -> str | None:
+        return env.get(name) or None
+
+    def integer(name: str) -> int | None:
+        raw = text(name)
+        if raw is None:
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(f"${name} must be an integer, got {raw!r}") from None
+
+    roots = text(ENV_ADAPTER_ROOTS) or ""
+    return Environment(
+        broker_url=text(ENV_BROKER_URL) or DEFAULT_BROKER_URL,
+        result_backend=text(ENV_RESULT_BACKEND),
+        output_uri=text(ENV_OUTPUT_URI),
+        s3_endpoint_url=text(ENV_S3_ENDPOINT_URL),
+        model=text(ENV_MODEL),
+        adapter_roots=tuple(root for root in roots.split(os.pathsep) if root),
+        max_loras=integer(ENV_MAX_LORAS),
+        max_cpu_loras=integer(ENV_MAX_CPU_LORAS),
+        visibility_timeout_s=integer(ENV_VISIBILITY_TIMEOUT),
+        window=integer(ENV_WINDOW),
+        max_attempts=integer(ENV_MAX_ATTEMPTS),
+        max_batch=integer(ENV_MAX_BATCH),
+        cache_dir=text(ENV_CACHE_DIR),
+    )
