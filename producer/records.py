@@ -33,6 +33,7 @@ def sidecar(job: Job, metadata: Mapping[str, Any], timings: Mapping[str, float])
         "adapter": job.adapter,
         "adapter_sha256": lora["sha256"] if lora else None,
         "adapter_source": metadata["adapter_source"],
+        "fused": metadata["fused"],
         "model": metadata["model"],
         "width": metadata["width"],
         "height": metadata["height"],

@@ -29,6 +29,7 @@ ENV_WINDOW = "OMNI_WINDOW"
 ENV_MAX_ATTEMPTS = "OMNI_MAX_ATTEMPTS"
 ENV_MAX_BATCH = "OMNI_MAX_BATCH"
 ENV_CACHE_DIR = "OMNI_CACHE_DIR"
+ENV_FUSE = "OMNI_FUSE"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +49,7 @@ class Environment:
     max_attempts: int | None = None
     max_batch: int | None = None
     cache_dir: str | None = None
+    fuse: str | None = None
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
@@ -85,4 +87,5 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         max_attempts=integer(ENV_MAX_ATTEMPTS),
         max_batch=integer(ENV_MAX_BATCH),
         cache_dir=text(ENV_CACHE_DIR),
+        fuse=text(ENV_FUSE),
     )

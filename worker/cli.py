@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from omni_engine.lora.fuse_mode import FuseMode
 from omni_engine.models.presets import DEFAULT_MODEL
 from producer import defaults as d
 from producer.cli import EXIT_FAILURE, EXIT_OK, add_job_default_flags, read_jobs
@@ -19,6 +20,7 @@ from producer.errors import UsageError
 from producer.settings import (
     ENV_ADAPTER_ROOTS,
     ENV_BROKER_URL,
+    ENV_FUSE,
     ENV_MAX_BATCH,
     ENV_MAX_CPU_LORAS,
     ENV_MAX_LORAS,
@@ -65,6 +67,12 @@ def _add_engine_flags(parser: argparse.ArgumentParser, *, out_help: str) -> None
     )
     for flag, env, default, text in _ENGINE_LIMITS:
         parser.add_argument(flag, type=int, help=f"{text} (default: ${env} or {default})")
+    parser.add_argument(
+        "--fuse",
+        choices=[mode.value for mode in FuseMode],
+        help="merge a call's adapter into the weights: auto (calls with enough images x steps), "
+        f"always or never (default: ${ENV_FUSE} or {FuseMode.AUTO.value})",
+    )
 
 
 def register_run(subparsers: argparse._SubParsersAction) -> None:
@@ -125,6 +133,7 @@ def _settings(args: argparse.Namespace, **extra: object) -> WorkerSettings:
         window=args.window,
         output_uri=args.out,
         max_batch=args.max_batch,
+        fuse=args.fuse,
         **extra,
     )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,11 +24,14 @@ from producer.records import encode, error_record, sidecar
 from producer.schema import Job
 from producer.storage import Storage
 from worker.errors import OutOfMemoryError
+from worker.scheduler import Pending, SchedulerPolicy, upcoming_cold_adapters
 
 logger = logging.getLogger("omni.worker")
 
 # Failures that are the job's own and will not pass: recorded and acked, never retried.
 PERMANENT_ERRORS = (AdapterError, LoRACapacityError, ValueError)
+# Cold adapters read ahead while a group computes: the next group's, and one more for slack.
+READ_AHEAD = 2
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,32 @@ def png_bytes(image: Any) -> bytes:
 def failure(item: WorkItem, error: BaseException) -> Result:
     """A job that failed for good: its error record, so status and reruns can see why."""
     return Result(item, error_record(item.job, error), error=error)
+
+
+def read_ahead(
+    engine: Omni,
+    window: Sequence[Pending],
+    item_of: Callable[[Pending], WorkItem],
+    *,
+    policy: SchedulerPolicy,
+    now: float,
+) -> None:
+    """Have the engine read the adapters of the next groups while this one computes.
+
+    `window` is what remains after the group was taken; `item_of` finds a Pending's WorkItem.
+    """
+    resident, host = engine.held_adapters()
+    wanted = upcoming_cold_adapters(
+        window, resident=resident, host=host, now=now, policy=policy, limit=READ_AHEAD
+    )
+    if not wanted:
+        return
+    requests = {}
+    for pending in window:
+        request = item_of(pending).request
+        if request is not None and request.lora_path in wanted:
+            requests.setdefault(request.lora_path, request)
+    engine.prefetch_loras([requests[path] for path in wanted])
 
 
 def generate_group(engine: Omni, items: list[WorkItem]) -> list[Result]:

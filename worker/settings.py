@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from omni_engine.lora.fuse_mode import FuseMode
 from omni_engine.models.presets import DEFAULT_MODEL
 from producer.defaults import DEFAULT_BROKER_URL
 from producer.errors import SettingsError
-from producer.settings import read_environment
+from producer.settings import ENV_FUSE, read_environment
 from worker.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S, SchedulerPolicy
 
 if TYPE_CHECKING:
@@ -52,10 +53,18 @@ class WorkerSettings:
     store_attempts: int = DEFAULT_STORE_ATTEMPTS
     store_backoff_s: float = DEFAULT_STORE_BACKOFF_S
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    fuse: FuseMode = FuseMode.AUTO
 
     def __post_init__(self) -> None:
         if self.window < 1:
             raise SettingsError(f"the window must hold at least one job, got {self.window}")
+        try:
+            object.__setattr__(self, "fuse", FuseMode(self.fuse))
+        except ValueError:
+            modes = ", ".join(m.value for m in FuseMode)
+            raise SettingsError(
+                f"fuse (${ENV_FUSE}, --fuse) must be one of {modes}, got {self.fuse!r}"
+            ) from None
 
     @classmethod
     def from_env(cls, **overrides: object) -> WorkerSettings:
@@ -74,6 +83,7 @@ class WorkerSettings:
             "visibility_timeout_s": env.visibility_timeout_s,
             "max_attempts": env.max_attempts,
             "max_batch": env.max_batch,
+            "fuse": env.fuse,
         }
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**{name: value for name, value in values.items() if value is not None})
@@ -93,4 +103,5 @@ def build_engine(settings: WorkerSettings) -> Omni:
         max_loras=settings.max_loras,
         max_cpu_loras=settings.max_cpu_loras,
         adapter_roots=list(settings.adapter_roots),
+        fuse=settings.fuse,
     )

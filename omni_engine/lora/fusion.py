@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +23,6 @@ from omni_engine.lora.adapter import LoRAAdapter
 
 # Device memory that must stay free after the backups are taken; below it they go to host memory.
 MIN_FREE_DEVICE_BYTES = 1024**3
-
-
-class FuseMode(StrEnum):
-    """When a call merges its adapter into the weights (see `Omni`'s `fuse`)."""
-
-    AUTO = "auto"  # when the saving outweighs the merge (see `FusePolicy`)
-    ALWAYS = "always"
-    NEVER = "never"
 
 
 def scaling(adapter: LoRAAdapter, module: str, scale: float) -> float:

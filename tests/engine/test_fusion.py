@@ -10,6 +10,7 @@ import torch
 from fixtures.engine import image_bytes
 
 from omni_engine.lora import fusion
+from omni_engine.lora.fuse_mode import FuseMode
 from omni_engine.lora.request import LoRARequest
 from omni_engine.models.loader import load_model
 
@@ -51,12 +52,12 @@ def test_unfused_calls_between_fused_ones_leave_the_weights_as_loaded(omni_facto
     fused = omni_factory(fuse="always")
     loaded = _base_digest(fused)
     request = LoRARequest("a", 1, str(make_adapter("a")))
-    fused.fuse = fusion.FuseMode.NEVER  # the same engine, now injecting: PEFT layers wrap the weights
+    fused.fuse = FuseMode.NEVER  # the same engine, now injecting: PEFT layers wrap the weights
     unfused_before = image_bytes(fused.generate(PROMPT, seed=SEED, lora_request=request)[0])
-    fused.fuse = fusion.FuseMode.ALWAYS
+    fused.fuse = FuseMode.ALWAYS
     fused.generate(PROMPT, seed=SEED, lora_request=request, lora_scale=2.0)
     assert _base_digest(fused) == loaded
-    fused.fuse = fusion.FuseMode.NEVER
+    fused.fuse = FuseMode.NEVER
     output = fused.generate(PROMPT, seed=SEED, lora_request=request)[0]
     assert not output.metadata["fused"]
     assert image_bytes(output) == unfused_before
