@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from omni_engine.lora.adapter import (
     DEFAULT_MAX_ADAPTER_BYTES,
     AdapterKey,
     LoRAAdapter,
+    confirm,
     read_adapter,
     signature,
 )
@@ -48,6 +50,7 @@ class LoRAStats:
     resident_evictions: int = 0
     host_evictions: int = 0
     load_failures: int = 0
+    rehashes: int = 0  # held adapters whose racy stat was confirmed by hashing their files again
 
     @property
     def evictions(self) -> int:
@@ -60,12 +63,13 @@ class LoRAInfo:
 
     name: str
     path: str
-    sha256: str
+    sha256: str  # of the weights file, as sha256sum prints it
     rank: int
     nbytes: int
     resident: bool
     pinned: bool
     lora_int_ids: tuple[int, ...] = field(default=())
+    config_sha256: str | None = None  # of adapter_config.json; None when the config is in the weights
 
 
 class LoRAManager:
@@ -161,6 +165,7 @@ class LoRAManager:
                     resident=key in self._resident,
                     pinned=self._held.is_pinned(key),
                     lora_int_ids=tuple(sorted(i for i, k in self._ids.items() if k == key)),
+                    config_sha256=adapter.config_sha256,
                 )
             )
         return infos
@@ -185,11 +190,13 @@ class LoRAManager:
     ) -> tuple[LoRAAdapter, str]:
         name = request.lora_name
         try:
+            checked_ns = time.time_ns()
             directory, sig = signature(request.lora_path, self._roots, adapter=name)
             key = self._by_path.get(str(directory))
             held = self._held.get(key) if key is not None else None
-            if held is not None and held.signature == sig:
-                adapter, replacing = held, None
+            confirmed = confirm(held, sig, checked_ns=checked_ns) if held is not None else None
+            if confirmed is not None:
+                adapter, replacing = confirmed, None
                 source = SOURCE_RESIDENT if key in self._resident else SOURCE_HOST
             else:
                 adapter = self._read(request)
@@ -213,6 +220,9 @@ class LoRAManager:
             self.stats.cpu_hits += 1
         elif source == SOURCE_RESIDENT and resident:
             self.stats.gpu_hits += 1
+        if source != SOURCE_DISK and adapter is not held:  # re-hashed: same content, a later check time
+            self._held.put(adapter.key, adapter)
+            self.stats.rehashes += 1
         if name is not None:
             self._resident.put(adapter.key, name)
         if pinned:
