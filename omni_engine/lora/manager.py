@@ -29,6 +29,7 @@ from omni_engine.lora.adapter import (
     signature,
 )
 from omni_engine.lora.layers import adaptable_layers, check_compatible
+from omni_engine.lora.load_failures import adapter_fault, log_refusal, quiet_rollback
 from omni_engine.lora.lru import LRUCache
 from omni_engine.lora.paths import canonical_roots
 from omni_engine.lora.request import LoRARequest
@@ -139,7 +140,12 @@ class LoRAManager:
         if key is None or key not in self._held:
             return False
         if key not in self._resident:
-            self._make_resident(self._held.get(key))
+            adapter = self._held.get(key)
+            try:
+                self._make_resident(adapter)
+            except AdapterError as e:
+                log_refusal(adapter.name, str(adapter.path), e)
+                raise
         self._pin(key)
         return True
 
@@ -208,7 +214,11 @@ class LoRAManager:
             if resident and adapter.key not in self._resident:
                 _check_room(self._resident, adapter.key, replacing, "resident slots (max_loras)")
                 name = self._inject(adapter)  # before anything is dropped: a failure changes nothing
-        except (AdapterError, LoRACapacityError):
+        except AdapterError as e:
+            self.stats.load_failures += 1
+            log_refusal(request.lora_name, request.lora_path, e)
+            raise
+        except LoRACapacityError:
             self.stats.load_failures += 1
             raise
 
@@ -310,18 +320,21 @@ class LoRAManager:
         name = next(self._names)
         self._active = _UNKNOWN  # new wrapper layers start enabled and active: reapply state later
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), quiet_rollback(name):
                 # Several adapters in one model is the point of the resident tier.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                # diffusers' rollback of a failed load deletes that adapter: the failure is raised anyway.
+                warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
                 self._model.load_lora_adapter(
                     dict(adapter.tensors),
                     prefix=None,
                     adapter_name=name,
                     metadata=adapter.config.peft_kwargs(adapter.modules),
                 )
-        except Exception as e:
+        except BaseException as e:  # an interrupt too: never leave a half-injected adapter behind
             self._unload(name)
-            raise IncompatibleAdapterError(adapter.name, f"loading into the model failed: {e}") from e
+            fault = adapter_fault(e, name)  # anything else (out of memory...) is raised as it is
+            raise IncompatibleAdapterError(adapter.name, f"loading into the model failed: {fault}") from fault
         changed = sum(1 for m in self._model.modules() if isinstance(m, BaseTunerLayer) and name in m.lora_A)
         if changed != len(adapter.modules):
             self._unload(name)
