@@ -175,6 +175,7 @@ class Omni:
                 "lora_int_id": lora_request.lora_int_id,
                 "path": str(adapter.path),
                 "sha256": adapter.sha256,
+                "config_sha256": adapter.config_sha256,
                 "rank": adapter.max_rank,
             }
         shared = {

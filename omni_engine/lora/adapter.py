@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +13,7 @@ import torch
 
 from omni_engine.errors import IncompatibleAdapterError, InvalidAdapterError
 from omni_engine.lora.config import AdapterConfig
-from omni_engine.lora.paths import read_capped, resolve_adapter_dir, resolve_file
+from omni_engine.lora.paths import file_sha256, read_capped, resolve_adapter_dir, resolve_file
 from omni_engine.lora.safetensors_file import read_safetensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -23,27 +26,47 @@ LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 # Largest weights file read (Omni's max_adapter_bytes), and largest config: a LoRA is megabytes.
 DEFAULT_MAX_ADAPTER_BYTES = 2 * 1024**3
 MAX_CONFIG_BYTES = 1024**2
+# A file time stamp this close to the moment a file was checked proves nothing about later writes
+# (git's "racily clean" entries): ctime ticks coarsely (a timer tick on Linux, up to seconds on some
+# file systems), so a rewrite in the same tick that restores size and mtime (`cp -p`, `rsync -t`, tar)
+# leaves the whole stat as it was. Such a file is re-hashed at its next check, until it is older.
+RACY_WINDOW_NS = 3 * 10**9
 
-# An adapter's identity: its canonical directory and the sha256 of its weights.
-AdapterKey = tuple[str, str]
-# What a directory looked like when read: cheap to re-check before trusting a cached copy.
-Signature = tuple[tuple[str, int, int, int], ...]
+# An adapter's identity: its canonical directory, the sha256 of its weights file and the sha256 of its
+# adapter_config.json (None when the config is read from the weights file's header, which the first
+# digest covers). Every byte that decides what the adapter computes is in it, so new content under
+# the same path, weights or config alone, is a new adapter.
+AdapterKey = tuple[str, str, str | None]
+# One file as a check saw it: path, st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns.
+FileStat = tuple[str, int, int, int, int, int]
+# What a directory looked like when read: the config file's stat (when there is one), then the
+# weights file's. Cheap to re-check before trusting a cached copy; see `confirm`.
+Signature = tuple[FileStat, ...]
 
 
 @dataclass(frozen=True)
 class LoRAAdapter:
+    """A checked adapter and what it was read from.
+
+    `sha256` is the weights file's digest (what `sha256sum` prints for it), `config_sha256` the
+    config file's, or None for a config in the weights file's header. `checked_ns` is the wall-clock
+    time (`time.time_ns`) just before the files were last found to hold this content.
+    """
+
     name: str
     path: Path
     sha256: str
+    config_sha256: str | None
     config: AdapterConfig
     tensors: dict[str, torch.Tensor]
     ranks: dict[str, int]
     nbytes: int
     signature: Signature
+    checked_ns: int
 
     @property
     def key(self) -> AdapterKey:
-        return (str(self.path), self.sha256)
+        return (str(self.path), self.sha256, self.config_sha256)
 
     @property
     def modules(self) -> list[str]:
@@ -52,6 +75,17 @@ class LoRAAdapter:
     @property
     def max_rank(self) -> int:
         return max(self.ranks.values())
+
+    @property
+    def racy(self) -> bool:
+        """Whether a file's time stamps are too close to the last check for the stat to prove anything.
+
+        A ctime at or after (the window before) the check, or an mtime within the window either side.
+        """
+        return any(
+            ctime >= self.checked_ns - RACY_WINDOW_NS or abs(mtime - self.checked_ns) <= RACY_WINDOW_NS
+            for *_, mtime, ctime in self.signature
+        )
 
 
 def _files(directory: Path, roots: tuple[Path, ...] | None, *, adapter: str) -> tuple[Path | None, Path]:
@@ -71,14 +105,35 @@ def _files(directory: Path, roots: tuple[Path, ...] | None, *, adapter: str) -> 
 
 
 def signature(path: str, roots: tuple[Path, ...] | None, *, adapter: str) -> tuple[Path, Signature]:
-    """The canonical directory and the stat of the files a read would use."""
+    """The canonical directory and the stat of the files a read would use (config first, weights last)."""
     directory = resolve_adapter_dir(path, roots, adapter=adapter)
     files = [f for f in _files(directory, roots, adapter=adapter) if f is not None]
     stats = []
     for f in files:
         st = f.stat()
-        stats.append((str(f), st.st_ino, st.st_size, st.st_mtime_ns))
+        stats.append((str(f), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     return directory, tuple(stats)
+
+
+def confirm(held: LoRAAdapter, sig: Signature, *, checked_ns: int) -> LoRAAdapter | None:
+    """`held` if its files still hold the content it was read from, else None (read it again).
+
+    `sig` is a fresh `signature` taken at `checked_ns` (time.time_ns() just before it). Any change of
+    path, device, inode, size, mtime or ctime means new content. An unchanged but racy signature is
+    confirmed by hashing the files again; the adapter returned then carries the new check time.
+    """
+    if sig != held.signature:
+        return None
+    if not held.racy:
+        return held
+    *config, (weights, *_) = sig
+    digests = (
+        file_sha256(Path(weights), adapter=held.name),
+        file_sha256(Path(config[0][0]), adapter=held.name) if config else None,
+    )
+    if digests != (held.sha256, held.config_sha256):
+        return None
+    return dataclasses.replace(held, checked_ns=checked_ns)
 
 
 def read_adapter(
@@ -90,13 +145,17 @@ def read_adapter(
     max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
 ) -> LoRAAdapter:
     """Resolve, read and check an adapter. `component` is the model part keys may be prefixed with."""
+    checked_ns = time.time_ns()  # before the stat: see LoRAAdapter.racy
     directory, sig = signature(path, roots, adapter=name)
     config_file, weights_file = _files(directory, roots, adapter=name)
     weights = read_safetensors(weights_file, adapter=name, max_bytes=max_bytes)
 
+    config_sha256 = None
     if config_file is not None:
+        config_bytes = read_capped(config_file, MAX_CONFIG_BYTES, adapter=name)
+        config_sha256 = hashlib.sha256(config_bytes).hexdigest()
         try:
-            raw_config = json.loads(read_capped(config_file, MAX_CONFIG_BYTES, adapter=name))
+            raw_config = json.loads(config_bytes)
         except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, huge ints, deep nesting
             raise InvalidAdapterError(name, f"{CONFIG_FILE} is not valid JSON: {e}") from e
         config = AdapterConfig.from_dict(raw_config, adapter=name, source=CONFIG_FILE)
@@ -117,11 +176,13 @@ def read_adapter(
         name=name,
         path=directory,
         sha256=weights.sha256,
+        config_sha256=config_sha256,
         config=config,
         tensors=tensors,
         ranks=ranks,
         nbytes=weights.nbytes,
         signature=sig,
+        checked_ns=checked_ns,
     )
 
 

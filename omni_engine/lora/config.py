@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -26,7 +27,14 @@ UNSUPPORTED_UNLESS = {
 }
 
 
-_MODULE_PATH = re.compile(r"[A-Za-z0-9_.-]+")
+# rank_pattern and alpha_pattern keys are regular expressions to PEFT, which matches each one as
+# re.match(rf"(.*\.)?({key})$", module) (peft.utils.other.get_pattern_key) and uses the first that
+# matches. Only keys made of these characters are accepted: in them `.` is PEFT's any-character
+# wildcard and nothing else is an operator, so a key matches a fixed number of characters and its
+# meaning can be computed without backtracking. An optional leading `^` (as diffusers writes keys)
+# anchors the key to the whole module path, in PEFT's regex as here.
+PATTERN_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+PATTERN_ANCHOR = "^"
 MAX_PATTERN_KEYS = 4096
 MAX_PATTERN_KEY_CHARS = 512
 
@@ -90,19 +98,17 @@ class AdapterConfig:
             problems.append("alpha_pattern must map module patterns to finite numbers")
 
         for name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
-            # PEFT uses these keys as regular expressions: only literal module paths of bounded
-            # length and number are accepted, so a config cannot raise re.error or stall matching.
             keys = list(pattern) if isinstance(pattern, dict) else []
-            bad = [
-                k for k in keys if not (_MODULE_PATH.fullmatch(str(k)) and len(k) <= MAX_PATTERN_KEY_CHARS)
-            ]
-            if bad:
-                problems.append(
-                    f"{name} keys must be module paths ([A-Za-z0-9_.-], at most {MAX_PATTERN_KEY_CHARS} "
-                    f"characters), got {bad[:3]!r}"
-                )
             if len(keys) > MAX_PATTERN_KEYS:
                 problems.append(f"{name} has {len(keys)} keys; at most {MAX_PATTERN_KEYS} are accepted")
+                continue
+            bad = [f"{key!r} {why}" for key in keys if (why := _pattern_key_problem(key)) is not None]
+            if bad:
+                problems.append(
+                    f"{name} key(s) refused: {'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} "
+                    f"(keys are module paths of [A-Za-z0-9_.-], '.' matching any character as in PEFT, "
+                    f"with an optional leading '^'; other regex operators are not accepted)"
+                )
 
         if problems:
             raise InvalidAdapterError(adapter, f"{source}: " + "; ".join(problems))
@@ -115,28 +121,28 @@ class AdapterConfig:
         )
 
     def rank_for(self, module: str) -> int:
-        """PEFT's rule, with keys taken literally: the first key that is the module path's tail."""
-        for key, rank in self.rank_pattern.items():
-            if module == key or module.endswith("." + key):
-                return rank
-        return self.r
+        """The module's rank as PEFT computes it: the first rank_pattern key that matches, else r."""
+        key = pattern_key(self.rank_pattern, module)
+        return self.r if key is None else self.rank_pattern[key]
 
     def alpha_for(self, module: str) -> float:
-        """The module's lora_alpha, by the same rule as `rank_for`."""
-        for key, alpha in self.alpha_pattern.items():
-            if module == key or module.endswith("." + key):
-                return alpha
-        return self.lora_alpha
+        """The module's lora_alpha as PEFT computes it: the first alpha_pattern key that matches."""
+        key = pattern_key(self.alpha_pattern, module)
+        return self.lora_alpha if key is None else self.alpha_pattern[key]
 
     def peft_kwargs(self, modules: list[str]) -> dict[str, Any]:
-        """LoraConfig arguments that target exactly these modules, nothing more."""
+        """LoraConfig arguments that target exactly these modules, nothing more.
+
+        Pattern keys go to PEFT unchanged, so PEFT gives them its own meaning; only the keys that
+        decide some targeted module are passed (in their order), which changes no module's result
+        and spares PEFT thousands of unused regexes.
+        """
         return {
             "r": self.r,
             "lora_alpha": self.lora_alpha,
             "use_rslora": self.use_rslora,
-            # Escaped, so PEFT's regex match means what `rank_for` means.
-            "rank_pattern": {re.escape(k): v for k, v in self.rank_pattern.items()},
-            "alpha_pattern": {re.escape(k): v for k, v in self.alpha_pattern.items()},
+            "rank_pattern": _deciding(self.rank_pattern, modules),
+            "alpha_pattern": _deciding(self.alpha_pattern, modules),
             # A string is matched in full by PEFT; a list would also match any module whose path
             # merely ends with a listed one.
             "target_modules": "|".join(re.escape(module) for module in sorted(modules)),
@@ -144,6 +150,59 @@ class AdapterConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def pattern_matches(key: str, module: str) -> bool:
+    r"""bool(re.match(rf"(.*\.)?({key})$", module)), PEFT's test, for a key `_pattern_key_problem` accepts.
+
+    Such a key is a run of single-character atoms (literals, and `.` for any character but a
+    newline), so it can only match the module's last len(key) characters (or those before a final
+    newline, where `$` also matches), preceded by nothing or by `.*\.` (no newline, then a dot); a
+    leading `^` leaves only the match at position 0. Linear time, whatever the key and module.
+    """
+    anchored = key.startswith(PATTERN_ANCHOR)
+    body = _atoms(key.removeprefix(PATTERN_ANCHOR) if anchored else key)
+    ends = (len(module), len(module) - 1) if module.endswith("\n") else (len(module),)
+    for end in ends:
+        start = end - len(body.pattern)
+        if start < 0 or not body.fullmatch(module, start, end):
+            continue
+        if start == 0:
+            return True
+        if not anchored and module[start - 1] == "." and "\n" not in module[:start]:
+            return True
+    return False
+
+
+def pattern_key(pattern: dict[str, Any], module: str) -> str | None:
+    """The key PEFT's get_pattern_key picks for `module`: the first that matches, or None."""
+    return next((key for key in pattern if pattern_matches(key, module)), None)
+
+
+def _deciding(pattern: dict[str, Any], modules: list[str]) -> dict[str, Any]:
+    used = {pattern_key(pattern, module) for module in modules}
+    return {key: value for key, value in pattern.items() if key in used}
+
+
+@functools.lru_cache(maxsize=MAX_PATTERN_KEYS)
+def _atoms(body: str) -> re.Pattern[str]:
+    return re.compile(body)
+
+
+def _pattern_key_problem(key: Any) -> str | None:
+    """Why PEFT's regex for this key is refused, or None: see PATTERN_KEY_CHARS."""
+    if not isinstance(key, str):
+        return "is not a string"
+    if len(key) > MAX_PATTERN_KEY_CHARS:
+        return f"is {len(key)} characters long, above {MAX_PATTERN_KEY_CHARS}"
+    body = key.removeprefix(PATTERN_ANCHOR)
+    if not body:
+        return "is empty: PEFT would apply it to every module"
+    operators = sorted({c for c in body if c not in PATTERN_KEY_CHARS})
+    if operators:
+        shown = "".join(operators)
+        return f"holds {shown!r}, not accepted (a regex operator, or a character no module path has)"
+    return None
 
 
 def _finite_number(value: Any) -> bool:

@@ -25,10 +25,13 @@ from omni_engine.lora.adapter import (
     DEFAULT_MAX_ADAPTER_BYTES,
     AdapterKey,
     LoRAAdapter,
+    Signature,
+    confirm,
     read_adapter,
     signature,
 )
 from omni_engine.lora.layers import adaptable_layers, check_compatible
+from omni_engine.lora.load_failures import adapter_fault, log_refusal, quiet_rollback
 from omni_engine.lora.lru import LRUCache
 from omni_engine.lora.paths import canonical_roots
 from omni_engine.lora.prefetch import Prefetcher
@@ -47,6 +50,7 @@ class LoRAStats:
     resident_evictions: int = 0
     host_evictions: int = 0
     load_failures: int = 0
+    rehashes: int = 0  # held adapters whose racy stat was confirmed by hashing their files again
     prefetched: int = 0  # disk loads whose read was done ahead of the call, off its critical path
     stall_s: float = 0.0  # time calls waited for adapter files (a read, or a prefetch in flight)
 
@@ -71,12 +75,13 @@ class LoRAInfo:
 
     name: str
     path: str
-    sha256: str
+    sha256: str  # of the weights file, as sha256sum prints it
     rank: int
     nbytes: int
     resident: bool
     pinned: bool
     lora_int_ids: tuple[int, ...] = field(default=())
+    config_sha256: str | None = None  # of adapter_config.json; None when the config is in the weights
 
 
 class LoRAManager:
@@ -176,7 +181,12 @@ class LoRAManager:
         if key is None or key not in self._held:
             return False
         if key not in self._resident:
-            self._make_resident(self._held.get(key))
+            adapter = self._held.get(key)
+            try:
+                self._make_resident(adapter)
+            except AdapterError as e:
+                log_refusal(adapter.name, str(adapter.path), e)
+                raise
         self._pin(key)
         return True
 
@@ -202,6 +212,7 @@ class LoRAManager:
                     resident=key in self._resident,
                     pinned=self._held.is_pinned(key),
                     lora_int_ids=tuple(sorted(i for i, k in self._ids.items() if k == key)),
+                    config_sha256=adapter.config_sha256,
                 )
             )
         return infos
@@ -227,14 +238,16 @@ class LoRAManager:
         """Hold the adapter (injected too if `resident`); `use` counts the call's hit in the stats."""
         name = request.lora_name
         try:
+            checked_ns = time.time_ns()
             directory, sig = signature(request.lora_path, self._roots, adapter=name)
             key = self._by_path.get(str(directory))
             held = self._held.get(key) if key is not None else None
-            if held is not None and held.signature == sig:
-                adapter, replacing = held, None
+            confirmed = confirm(held, sig, checked_ns=checked_ns) if held is not None else None
+            if confirmed is not None:
+                adapter, replacing = confirmed, None
                 source = AdapterSource.RESIDENT if key in self._resident else AdapterSource.HOST
             else:
-                adapter = self._read_now(request, sig)
+                adapter = self._read_now(request, sig, checked_ns)
                 source = AdapterSource.DISK
                 # Older content read from this directory makes room for the new when it goes.
                 replacing = key if key != adapter.key else None
@@ -243,7 +256,11 @@ class LoRAManager:
             if resident and adapter.key not in self._resident:
                 _check_room(self._resident, adapter.key, replacing, "resident slots (max_loras)")
                 name = self._inject(adapter)  # before anything is dropped: a failure changes nothing
-        except (AdapterError, LoRACapacityError):
+        except AdapterError as e:
+            self.stats.load_failures += 1
+            log_refusal(request.lora_name, request.lora_path, e)
+            raise
+        except LoRACapacityError:
             self.stats.load_failures += 1
             raise
 
@@ -255,6 +272,10 @@ class LoRAManager:
             self.stats.cpu_hits += 1
         elif source == AdapterSource.RESIDENT and use:
             self.stats.gpu_hits += 1
+        # Re-hashed: the same content, with a later check time.
+        if source != AdapterSource.DISK and adapter is not held:
+            self._held.put(adapter.key, adapter)
+            self.stats.rehashes += 1
         if name is not None:
             self._resident.put(adapter.key, name)
         if pinned:
@@ -266,7 +287,7 @@ class LoRAManager:
             self._ids[request.lora_int_id] = adapter.key
         return adapter, source
 
-    def _read_now(self, request: LoRARequest, sig: object) -> LoRAAdapter:
+    def _read_now(self, request: LoRARequest, sig: Signature, checked_ns: int) -> LoRAAdapter:
         """The adapter as it is on disk now: prefetched if a read was started and is still current."""
         started = time.perf_counter()
         try:
@@ -276,9 +297,10 @@ class LoRAManager:
                     adapter = ahead.result()
                 except Exception:
                     adapter = None  # read again below, so the error (if any) is today's
-                if adapter is not None and adapter.signature == sig:
+                current = confirm(adapter, sig, checked_ns=checked_ns) if adapter is not None else None
+                if current is not None:
                     self.stats.prefetched += 1
-                    return adapter
+                    return current
             return self._read(request)
         finally:
             self._stall_s += time.perf_counter() - started
@@ -360,18 +382,21 @@ class LoRAManager:
         name = next(self._names)
         self._active = _UNKNOWN  # new wrapper layers start enabled and active: reapply state later
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), quiet_rollback(name):
                 # Several adapters in one model is the point of the resident tier.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                # diffusers' rollback of a failed load deletes that adapter: the failure is raised anyway.
+                warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
                 self._model.load_lora_adapter(
                     dict(adapter.tensors),
                     prefix=None,
                     adapter_name=name,
                     metadata=adapter.config.peft_kwargs(adapter.modules),
                 )
-        except Exception as e:
+        except BaseException as e:  # an interrupt too: never leave a half-injected adapter behind
             self._unload(name)
-            raise IncompatibleAdapterError(adapter.name, f"loading into the model failed: {e}") from e
+            fault = adapter_fault(e, name)  # anything else (out of memory...) is raised as it is
+            raise IncompatibleAdapterError(adapter.name, f"loading into the model failed: {fault}") from fault
         changed = sum(1 for m in self._model.modules() if isinstance(m, BaseTunerLayer) and name in m.lora_A)
         if changed != len(adapter.modules):
             self._unload(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +48,19 @@ def read_capped(path: Path, limit: int, *, adapter: str) -> bytes:
         if size > limit:
             raise InvalidAdapterError(adapter, f"{path.name} is {size} bytes, above the limit of {limit}")
         return f.read(limit + 1)
+
+
+def file_sha256(path: Path, *, adapter: str) -> str:
+    """The sha256 of a resolved file, streamed (a re-check reads no more memory than a chunk).
+
+    O_NOFOLLOW as in `read_capped`.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise AdapterNotFoundError(adapter, f"cannot open {path.name}: {e.strerror}") from e
+    with os.fdopen(fd, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def resolve_file(directory: Path, name: str, roots: tuple[Path, ...] | None, *, adapter: str) -> Path | None:
