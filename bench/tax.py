@@ -20,7 +20,6 @@ resident switch and scale change as bench/engine.py measures them.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import random
@@ -41,12 +40,12 @@ from omni_engine import LoRARequest, Omni
 from omni_engine.lora.adapter import PEFT_PREFIX
 from omni_engine.lora.synth import write_random_adapter
 from omni_engine.models.loader import load_model, quiet_library_output, resolve_device
-from producer import outputs
+from producer import layout
 from producer.schema import Job, validate_job
 
 # Everything taken from the worker, in one place: the embedded runner and its settings.
 from worker.embedded import run_jobs
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, build_engine
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "ff.net.2")
 # The omni-batch rows' cache: fewer slots than adapters, so the scheduler's order matters.
@@ -73,25 +72,6 @@ EMBEDDED_MODES: dict[str, tuple[str, str | None]] = {
 MODES = ("base", *EMBEDDED_MODES, "diffusers-loop")
 # The row whose images the loop must match: the first of these that ran (unfused, when fuse exists).
 UNFUSED_REFERENCES = ("omni-batch-fuse-never", "omni-batch")
-
-
-def engine_has_fuse() -> bool:
-    return "fuse" in inspect.signature(Omni).parameters
-
-
-def fuse_options(fuse: str | None) -> tuple[dict[str, str], dict[str, str]]:
-    """Keywords for (Omni, WorkerSettings) that force `fuse`; None forces nothing (the defaults).
-
-    The one place the fuse option is spelled: `Omni(..., fuse=)` and `WorkerSettings.fuse`.
-    """
-    if fuse is None:
-        return {}, {}
-    if not engine_has_fuse():
-        raise SystemExit(
-            f"fuse={fuse!r}: this engine has no fuse option (Omni(..., fuse=...)) yet; "
-            "leave the omni-batch-fuse-* rows out of --modes"
-        )
-    return {"fuse": fuse}, {"fuse": fuse}
 
 
 @dataclass(frozen=True)
@@ -161,24 +141,14 @@ def run_embedded(work: Workload, mode: str, out: Path) -> Row:
     else:
         (label, fuse), jobs = EMBEDDED_MODES[mode], work.jobs
         cache = {"max_loras": MAX_LORAS, "max_cpu_loras": MAX_CPU_LORAS}
-    engine_options, settings_options = fuse_options(fuse)
-    if mode == "omni-batch" and not engine_has_fuse():
-        label = "omni-batch (defaults; engine without fuse)"
     settings = WorkerSettings(
         model=work.model,
         adapter_roots=(str(work.adapter_root),),
         output_uri=str(out),
         **cache,
-        **settings_options,
+        **({"fuse": fuse} if fuse is not None else {}),
     )
-    # As the worker builds its engine from its settings.
-    engine = Omni(
-        settings.model,
-        max_loras=settings.max_loras,
-        max_cpu_loras=settings.max_cpu_loras,
-        adapter_roots=list(settings.adapter_roots),
-        **engine_options,
-    )
+    engine = build_engine(settings)  # as the worker builds it
     engine.generate("warm up", seed=0)
     loads_before = engine.lora_stats()["disk_loads"]
 
@@ -203,7 +173,7 @@ def summed_stall(out: Path, jobs: list[Job]) -> float | None:
     """Seconds the denoiser waited for an adapter, over engine calls (a call's jobs share timings)."""
     calls = {}
     for job in jobs:
-        record = json.loads((out / outputs.sidecar_key(job.dataset, job.job_id)).read_bytes())
+        record = json.loads((out / layout.sidecar_key(job.dataset, job.job_id)).read_bytes())
         timings = record["timings"]
         calls[(record["adapter_sha256"], timings["adapter_s"], timings["generate_s"])] = timings
     if not any("stall_s" in t for t in calls.values()):
@@ -228,7 +198,7 @@ def run_diffusers_loop(work: Workload, out: Path) -> Row:
         pipe.load_lora_weights(str(work.adapter_root / job.adapter), adapter_name="job", use_safetensors=True)
         generator = torch.Generator(generator_device).manual_seed(job.seed)
         image = pipe(job.prompt, generator=generator, **call).images[0]
-        image.save(out / outputs.image_key(job.dataset, job.job_id))
+        image.save(out / layout.image_key(job.dataset, job.job_id))
         pipe.unload_lora_weights()
     seconds = time.perf_counter() - started
 
@@ -247,9 +217,7 @@ def run_diffusers_loop(work: Workload, out: Path) -> Row:
 
 def images_of(row: Row, jobs: list[Job]) -> list[np.ndarray]:
     return [
-        np.asarray(
-            Image.open(row.out / outputs.image_key(j.dataset, j.job_id)).convert("RGB"), dtype=np.int16
-        )
+        np.asarray(Image.open(row.out / layout.image_key(j.dataset, j.job_id)).convert("RGB"), dtype=np.int16)
         for j in jobs
     ]
 
@@ -291,7 +259,7 @@ def median_ms(fn: Callable[[], float], reps: int) -> float:
 
 def measure_host_hit(work: Workload, reps: int) -> dict[str, float]:
     """A host-cache hit against a copy of the same adapter's bytes, all in one engine."""
-    omni = Omni(work.model, max_loras=2, max_cpu_loras=8)
+    omni = Omni(work.model, max_loras=2, max_cpu_loras=8, fuse="never")  # the unfused tiers
     a, b = (LoRARequest(f"style-{i:02d}", i + 1, str(work.adapter_root / f"style-{i:02d}")) for i in range(2))
 
     def timing(request: LoRARequest | None, scale: float = 1.0) -> float:
@@ -387,8 +355,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.adapters < 2:
         parser.error("--jobs must be >= 1 and --adapters >= 2")
-    for mode in args.modes:
-        fuse_options(EMBEDDED_MODES.get(mode, (None, None))[1])  # refuse before any work
     quiet_library_output()
 
     print(machine())
