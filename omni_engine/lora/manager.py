@@ -282,7 +282,7 @@ class LoRAManager:
             self._held.put(adapter.key, adapter)
             self.stats.rehashes += 1
         if name is not None:
-            self._resident.put(adapter.key, name)
+            self._place(adapter.key, name)
         if pinned:
             self._pin(adapter.key)
         self._held.touch(adapter.key)
@@ -343,8 +343,16 @@ class LoRAManager:
 
     def _make_resident(self, adapter: LoRAAdapter) -> None:
         _check_room(self._resident, adapter.key, None, "resident slots (max_loras)")
-        name = self._inject(adapter)
-        self._resident.put(adapter.key, name)
+        self._place(adapter.key, self._inject(adapter))
+
+    def _place(self, key: AdapterKey, name: str) -> None:
+        """Record the adapter just loaded into slot `name`, evicting the one it displaced (unless a
+        drop or a host eviction has removed that one already)."""
+        for other in self._resident:
+            if other != key and self._resident.get(other) == name:
+                self._resident.remove(other)
+                self.stats.resident_evictions += 1
+        self._resident.put(key, name)  # never evicts: the slot was free or is freed above
 
     def _pin(self, key: AdapterKey) -> None:
         self._held.pin(key)
@@ -383,9 +391,9 @@ class LoRAManager:
     # -- the model ---------------------------------------------------------------------------
 
     def _inject(self, adapter: LoRAAdapter, replacing: AdapterKey | None = None) -> str:
-        """Copy the adapter into a slot: a free one, else the one of the adapter `put` will evict
-        (`replacing` if resident, else the least recently used). A failure leaves every resident
-        adapter in its slot (`SlotBank.load` copies the evicted one back)."""
+        """Copy the adapter into a slot: a free one, else the slot of the adapter that makes room
+        (`replacing` if resident, else the least recently used), which `_place` then evicts. A
+        failure leaves every resident adapter in its slot (`SlotBank.load` copies it back)."""
         name, victim = self._free_slot(replacing)
         self._active = _UNKNOWN  # the slot's layers, rank and alpha changed: set the scale again
         try:
