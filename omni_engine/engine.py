@@ -49,6 +49,12 @@ class Omni:
     identified by content, so the same directory is never loaded twice while it is cached.
     A call's adapter is applied by switching the model's active adapter and its scale, which
     copies no weights; `lora_scale=0.0` runs the base model exactly.
+
+    Resident adapters occupy `max_loras` slots whose LoRA layers are built once; a held adapter
+    becomes resident by a copy into a slot. A slot reserves `(in_features + out_features) *
+    max_lora_rank` elements of the model's dtype for each layer an adapter has targeted in it
+    (allocated on first use), so memory grows with max_loras x max_lora_rank: lower
+    `max_lora_rank` to the largest rank your adapters use.
     """
 
     def __init__(

@@ -70,6 +70,10 @@ class LRUCache(Generic[K, V]):
         while len(self._entries) > self.capacity:
             self.remove_oldest()
 
+    def oldest_unpinned(self) -> K | None:
+        """The entry `put` would evict next, without evicting it."""
+        return next((key for key in self._entries if key not in self._pinned), None)
+
     def remove_oldest(self) -> tuple[K, V] | None:
         """Evict the least recently used unpinned entry, telling the owner through on_evict."""
         for key in self._entries:

@@ -1,24 +1,22 @@
 """The three adapter tiers: resident in the model, held in host memory, and disk.
 
 Every adapter the engine holds is in the host tier (`max_cpu_loras`, resident ones included, as
-in vLLM); up to `max_loras` of them are also injected into the model, where activating one or
-changing its scale copies no weights. Both tiers evict least recently used unpinned adapters.
-An adapter is read and checked completely before anything held is touched, so a bad adapter
-never costs a good one.
+in vLLM); up to `max_loras` of them are also resident in the model, each in one of `max_loras`
+slots built once (`slots.SlotBank`): making a held adapter resident is a copy into a slot, and
+activating a resident one or changing its scale copies no weights. Both tiers evict least recently
+used unpinned adapters. An adapter is read and checked completely before anything held is
+touched, so a bad adapter never costs a good one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import time
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from omni_engine.errors import AdapterError, IncompatibleAdapterError, LoRACapacityError
 from omni_engine.lora.adapter import (
@@ -31,14 +29,15 @@ from omni_engine.lora.adapter import (
     signature,
 )
 from omni_engine.lora.layers import adaptable_layers, check_compatible
-from omni_engine.lora.load_failures import adapter_fault, log_refusal, quiet_rollback
+from omni_engine.lora.load_failures import adapter_fault, log_refusal
 from omni_engine.lora.lru import LRUCache
 from omni_engine.lora.paths import canonical_roots
 from omni_engine.lora.prefetch import Prefetcher
 from omni_engine.lora.request import LoRARequest
+from omni_engine.lora.slots import SlotBank
 from omni_engine.lora.source import AdapterSource
 
-_UNKNOWN = object()  # the model's active-adapter state after an injection: must be set again
+_UNKNOWN = object()  # the model's active-adapter state after a load into a slot: must be set again
 
 
 @dataclass
@@ -114,12 +113,13 @@ class LoRAManager:
         self._pin_host_memory = pin_host_memory
         self._max_adapter_bytes = max_adapter_bytes
         self._held: LRUCache[AdapterKey, LoRAAdapter] = LRUCache(max_cpu_loras, self._evicted_from_host)
+        # Resident adapters and the slot each is in.
         self._resident: LRUCache[AdapterKey, str] = LRUCache(max_loras, self._evicted_from_model)
+        self._slots = SlotBank(model, self._layers, count=max_loras, max_rank=max_lora_rank)
         self._by_path: dict[str, AdapterKey] = {}
         self._ids: dict[int, AdapterKey] = {}
-        self._names = (f"omni_{i}" for i in itertools.count())
-        self._active: object = None  # None (LoRA off), (model adapter name, scale), or _UNKNOWN
-        self._last_activated: str | None = None
+        self._active: object = None  # None (LoRA off), (slot name, scale), or _UNKNOWN
+        self._last_activated: AdapterKey | None = None
         self._prefetcher = Prefetcher(self._read, capacity=max_cpu_loras)
         self._stall_s = 0.0
         self.stats = LoRAStats()
@@ -129,7 +129,7 @@ class LoRAManager:
     def activate(self, request: LoRARequest | None, scale: float, *, fuse: bool = False) -> Activation:
         """Make the request's adapter the only active one at `scale` (None or 0.0: the base model).
 
-        With `fuse`, the adapter is only held, not injected, and the model's LoRA layers are off:
+        With `fuse`, the adapter is only held, not made resident, and the model's LoRA layers are off:
         the caller merges it into the weights for the call (`fusion.fused`).
         """
         if request is None:
@@ -138,7 +138,11 @@ class LoRAManager:
         fuse = fuse and scale != 0.0
         self._stall_s = 0.0
         adapter, source = self._acquire(request, resident=not fuse)
-        self._apply(None if fuse or scale == 0.0 else (self._resident.get(adapter.key), scale))
+        target = None if fuse or scale == 0.0 else (self._resident.get(adapter.key), scale)
+        self._apply(target)
+        if target is not None and adapter.key != self._last_activated:
+            self.stats.activations += 1
+            self._last_activated = adapter.key
         return Activation(adapter, source, self._stall_s)
 
     def prefetch(self, requests: Iterable[LoRARequest]) -> None:
@@ -164,7 +168,7 @@ class LoRAManager:
         self._prefetcher.close()
 
     def add(self, request: LoRARequest) -> LoRAAdapter:
-        """Read and hold an adapter in host memory without injecting it."""
+        """Read and hold an adapter in host memory without making it resident."""
         adapter, _ = self._acquire(request, resident=False, use=False)
         return adapter
 
@@ -235,7 +239,7 @@ class LoRAManager:
     def _acquire(
         self, request: LoRARequest, *, resident: bool, use: bool = True, record_id: bool = True
     ) -> tuple[LoRAAdapter, AdapterSource]:
-        """Hold the adapter (injected too if `resident`); `use` counts the call's hit in the stats."""
+        """Hold the adapter (resident too if `resident`); `use` counts the call's hit in the stats."""
         name = request.lora_name
         try:
             checked_ns = time.time_ns()
@@ -255,7 +259,8 @@ class LoRAManager:
             name = None
             if resident and adapter.key not in self._resident:
                 _check_room(self._resident, adapter.key, replacing, "resident slots (max_loras)")
-                name = self._inject(adapter)  # before anything is dropped: a failure changes nothing
+                # Before anything is dropped: a failure changes nothing.
+                name = self._inject(adapter, replacing)
         except AdapterError as e:
             self.stats.load_failures += 1
             log_refusal(request.lora_name, request.lora_path, e)
@@ -277,7 +282,7 @@ class LoRAManager:
             self._held.put(adapter.key, adapter)
             self.stats.rehashes += 1
         if name is not None:
-            self._resident.put(adapter.key, name)
+            self._place(adapter.key, name)
         if pinned:
             self._pin(adapter.key)
         self._held.touch(adapter.key)
@@ -338,8 +343,16 @@ class LoRAManager:
 
     def _make_resident(self, adapter: LoRAAdapter) -> None:
         _check_room(self._resident, adapter.key, None, "resident slots (max_loras)")
-        name = self._inject(adapter)
-        self._resident.put(adapter.key, name)
+        self._place(adapter.key, self._inject(adapter))
+
+    def _place(self, key: AdapterKey, name: str) -> None:
+        """Record the adapter just loaded into slot `name`, evicting the one it displaced (unless a
+        drop or a host eviction has removed that one already)."""
+        for other in self._resident:
+            if other != key and self._resident.get(other) == name:
+                self._resident.remove(other)
+                self.stats.resident_evictions += 1
+        self._resident.put(key, name)  # never evicts: the slot was free or is freed above
 
     def _pin(self, key: AdapterKey) -> None:
         self._held.pin(key)
@@ -349,7 +362,7 @@ class LoRAManager:
     def _drop(self, key: AdapterKey) -> None:
         name = self._resident.remove(key)
         if name is not None:
-            self._unload(name)
+            self._slots.release(name, key)
         adapter = self._held.remove(key)
         self._forget(key, adapter)
 
@@ -366,55 +379,46 @@ class LoRAManager:
 
     def _evicted_from_model(self, key: AdapterKey, name: str) -> None:
         self.stats.resident_evictions += 1
-        self._unload(name)
+        self._slots.release(name, key)
 
     def _evicted_from_host(self, key: AdapterKey, adapter: LoRAAdapter) -> None:
         self.stats.host_evictions += 1
         name = self._resident.remove(key)
         if name is not None:
-            self._unload(name)
+            self._slots.release(name, key)
         self._forget(key, adapter)
 
     # -- the model ---------------------------------------------------------------------------
 
-    def _inject(self, adapter: LoRAAdapter) -> str:
-        """Load the adapter into the model under a fresh name; undo everything if it does not take."""
-        name = next(self._names)
-        self._active = _UNKNOWN  # new wrapper layers start enabled and active: reapply state later
+    def _inject(self, adapter: LoRAAdapter, replacing: AdapterKey | None = None) -> str:
+        """Copy the adapter into a slot: a free one, else the slot of the adapter that makes room
+        (`replacing` if resident, else the least recently used), which `_place` then evicts. A
+        failure leaves every resident adapter in its slot (`SlotBank.load` copies it back)."""
+        name, victim = self._free_slot(replacing)
+        self._active = _UNKNOWN  # the slot's layers, rank and alpha changed: set the scale again
         try:
-            with warnings.catch_warnings(), quiet_rollback(name):
-                # Several adapters in one model is the point of the resident tier.
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                # diffusers' rollback of a failed load deletes that adapter: the failure is raised anyway.
-                warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
-                self._model.load_lora_adapter(
-                    dict(adapter.tensors),
-                    prefix=None,
-                    adapter_name=name,
-                    metadata=adapter.config.peft_kwargs(adapter.modules),
-                )
-        except BaseException as e:  # an interrupt too: never leave a half-injected adapter behind
-            self._unload(name)
+            self._slots.load(name, adapter)
+        except BaseException as e:  # an interrupt too: never leave a half-loaded slot in use
+            if victim is not None and self._slots.holds(name) != victim:
+                # Its slot could not be restored: it stays held in host memory only.
+                self._resident.remove(victim)
+                self.stats.resident_evictions += 1
+            if isinstance(e, AdapterError):
+                raise
             fault = adapter_fault(e, name)  # anything else (out of memory...) is raised as it is
             raise IncompatibleAdapterError(adapter.name, f"loading into the model failed: {fault}") from fault
-        changed = sum(1 for m in self._model.modules() if isinstance(m, BaseTunerLayer) and name in m.lora_A)
-        if changed != len(adapter.modules):
-            self._unload(name)
-            raise IncompatibleAdapterError(
-                adapter.name, f"changed {changed} of the {len(adapter.modules)} layers it targets"
-            )
         return name
 
-    def _unload(self, name: str) -> None:
-        if name in getattr(self._model, "peft_config", {}):
-            with warnings.catch_warnings():
-                # PEFT warns when the active adapter goes; `_apply` sets the next one explicitly.
-                warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
-                self._model.delete_adapters(name)
-        if not getattr(self._model, "peft_config", None):
-            # No adapter left: remove the wrapper layers too, so the base model runs untouched.
-            self._model.unload_lora()
-        self._active = _UNKNOWN
+    def _free_slot(self, replacing: AdapterKey | None) -> tuple[str, AdapterKey | None]:
+        """A slot no resident adapter is in, or the slot of the adapter that must make room."""
+        used = {self._resident.get(key) for key in self._resident}
+        for name in self._slots.names:
+            if name not in used:
+                return name, None
+        victim = replacing if replacing in self._resident else self._resident.oldest_unpinned()
+        if victim is None:  # _check_room refuses this before any change
+            raise LoRACapacityError(f"all {self._resident.capacity} resident slots (max_loras) are pinned")
+        return self._resident.get(victim), victim
 
     def _apply(self, target: tuple[str, float] | None) -> None:
         """Set the model's active adapter and scale: a flag and a float per layer, no weight copies."""
@@ -429,9 +433,6 @@ class LoRAManager:
                 self._model.enable_lora()
             name, scale = target
             self._model.set_adapters([name], weights=[scale])
-            if name != self._last_activated:
-                self.stats.activations += 1
-                self._last_activated = name
         self._active = target
 
 
