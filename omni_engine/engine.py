@@ -27,7 +27,7 @@ from producer.defaults import MAX_SEED
 # Under fuse="auto", a call with at least this many images x steps merges its adapter: merging
 # and restoring cost about what the unfused LoRA layers add to this many image-steps
 # (bench/tax.py; the rule depends only on the call itself, never on what it was grouped with).
-FUSE_MIN_IMAGE_STEPS = 4
+FUSE_MIN_IMAGE_STEPS = 2
 VERSIONED_PACKAGES = ("omni-batch", "torch", "diffusers", "peft", "transformers")
 
 

@@ -111,20 +111,20 @@ def test_a_failed_merge_restores_every_weight_it_touched(omni_factory, make_adap
     omni = omni_factory(fuse="always")
     loaded = _base_digest(omni)
     request = LoRARequest("a", 1, str(make_adapter("a")))
-    real_delta, calls = fusion.delta_weight, []
+    real_add, calls = fusion.add_delta, []
 
-    def failing_delta(*args, **kwargs):
+    def failing_add(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise torch.OutOfMemoryError("simulated: out of memory while merging")
-        return real_delta(*args, **kwargs)
+        return real_add(*args, **kwargs)
 
-    monkeypatch.setattr(fusion, "delta_weight", failing_delta)
+    monkeypatch.setattr(fusion, "add_delta", failing_add)
     with pytest.raises(torch.OutOfMemoryError):
         omni.generate(PROMPT, seed=SEED, lora_request=request)
     assert len(calls) == 3
     assert _base_digest(omni) == loaded
-    monkeypatch.setattr(fusion, "delta_weight", real_delta)
+    monkeypatch.setattr(fusion, "add_delta", real_add)
     assert omni.generate(PROMPT, seed=SEED, lora_request=request)[0].metadata["fused"]
 
 
@@ -141,7 +141,7 @@ def test_one_image_per_call_is_bit_stable_whatever_ran_before(omni_factory, make
 
 
 def test_auto_fuses_calls_with_enough_image_steps(omni_factory, make_adapter):
-    omni = omni_factory()
+    omni = omni_factory(fuse="auto")
     request = LoRARequest("a", 1, str(make_adapter("a")))
     one = omni.generate(PROMPT, seed=SEED, lora_request=request, num_inference_steps=1)[0]
     batch = omni.generate([PROMPT] * 4, seed=SEED, lora_request=request, num_inference_steps=1)[0]
