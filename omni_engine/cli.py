@@ -12,6 +12,7 @@ import re
 import sys
 from collections import Counter
 
+from omni_engine.defaults import DEFAULT_MAX_LORA_RANK
 from omni_engine.models.presets import DEFAULT_MODEL
 from producer.settings import ENV_MODEL, read_environment
 
@@ -27,7 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=f"model id, directory or preset (default: ${ENV_MODEL} or {DEFAULT_MODEL})",
     )
-    validate.add_argument("--max-lora-rank", type=int, default=256)
+    validate.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=DEFAULT_MAX_LORA_RANK,
+        help=f"the highest rank allowed (default: {DEFAULT_MAX_LORA_RANK}, as Omni's)",
+    )
     validate.add_argument("--json", action="store_true", help="print the report as JSON")
     validate.set_defaults(handler=validate_command)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from omni_engine.defaults import DEFAULT_MAX_CPU_LORAS, DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS
 from omni_engine.lora.adapter import DEFAULT_MAX_ADAPTER_BYTES
 from omni_engine.lora.fuse_mode import FuseMode
 from omni_engine.lora.fusion import fused
@@ -62,9 +63,9 @@ class Omni:
         model: str = DEFAULT_MODEL,
         *,
         lora_path: str | None = None,
-        max_loras: int = 4,
-        max_cpu_loras: int = 16,
-        max_lora_rank: int = 256,
+        max_loras: int = DEFAULT_MAX_LORAS,
+        max_cpu_loras: int = DEFAULT_MAX_CPU_LORAS,
+        max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
         adapter_roots: Sequence[str] | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,

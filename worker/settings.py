@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from omni_engine.defaults import DEFAULT_MAX_CPU_LORAS, DEFAULT_MAX_LORAS
 from omni_engine.lora.fuse_mode import FuseMode
 from omni_engine.models.presets import DEFAULT_MODEL
 from producer.defaults import DEFAULT_BROKER_URL
@@ -20,8 +21,6 @@ if TYPE_CHECKING:
     from omni_engine import Omni
 
 DEFAULT_WINDOW = 64
-DEFAULT_MAX_LORAS = 4
-DEFAULT_MAX_CPU_LORAS = 16
 # Redis redelivers a reserved, unacked job after this long. It must exceed the longest a job can
 # sit in the window (a priority-0 job waits up to 2 x max wait) plus a group's run and upload, or a
 # slow job would run twice (harmless, outputs are idempotent, but wasted).
