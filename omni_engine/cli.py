@@ -14,6 +14,7 @@ from collections import Counter
 
 from omni_engine.defaults import DEFAULT_MAX_LORA_RANK
 from omni_engine.models.presets import DEFAULT_MODEL
+from producer.cli import EXIT_OK, EXIT_USAGE
 from producer.settings import ENV_MODEL, read_environment
 
 
@@ -55,7 +56,7 @@ def validate_command(args: argparse.Namespace) -> int:
         check_compatible(adapter, adaptable_layers(model.denoiser), max_rank=args.max_lora_rank)
     except (AdapterError, ModelError) as e:
         print(f"invalid: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
     # "transformer_blocks.3.attn.to_q" -> "attn.to_q": what kind of layer, not which block.
     kinds = Counter(re.sub(r"^.*\.\d+\.", "", module) for module in adapter.modules)
@@ -83,4 +84,4 @@ def validate_command(args: argparse.Namespace) -> int:
             f"  {len(adapter.modules)} layers: "
             + ", ".join(f"{k} x{v}" for k, v in report["targets"].items())
         )
-    return 0
+    return EXIT_OK

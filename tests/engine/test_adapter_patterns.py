@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures.engine import peft_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft.utils.other import get_pattern_key
@@ -17,7 +18,6 @@ from peft.utils.other import get_pattern_key
 from omni_engine.errors import InvalidAdapterError
 from omni_engine.lora.config import MAX_PATTERN_KEYS, AdapterConfig, pattern_matches
 from omni_engine.lora.request import LoRARequest
-from omni_engine.models.loader import load_model
 
 PROMPT, SEED = "a small house by a lake", 21
 CONFIG = "adapter_config.json"
@@ -120,24 +120,8 @@ def test_only_deciding_keys_reach_peft():
 # -- images, against PEFT's own PeftModel -----------------------------------------------------------
 
 
-def _image(pipeline) -> np.ndarray:
-    image = pipeline(
-        PROMPT,
-        num_inference_steps=2,
-        guidance_scale=5.0,
-        height=32,
-        width=32,
-        generator=[torch.Generator().manual_seed(SEED)],
-    ).images[0]
-    return np.asarray(image, dtype=np.int16)
-
-
 def _peft_reference(adapter_dir: Path) -> np.ndarray:
-    from peft import PeftModel
-
-    model = load_model("tiny-sd3", device=torch.device("cpu"), dtype=torch.float32)
-    model.pipeline.transformer = PeftModel.from_pretrained(model.pipeline.transformer, str(adapter_dir))
-    return _image(model.pipeline)
+    return peft_reference(adapter_dir, PROMPT, SEED)
 
 
 def _ours(omni_factory, adapter_dir: Path) -> np.ndarray:

@@ -7,12 +7,11 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-from fixtures.engine import image_bytes
+from fixtures.engine import image_bytes, peft_reference
 
 from omni_engine.lora import fusion
 from omni_engine.lora.fuse_mode import FuseMode
 from omni_engine.lora.request import LoRARequest
-from omni_engine.models.loader import load_model
 
 PROMPT, SEED = "a lantern on a pier", 5
 
@@ -64,8 +63,6 @@ def test_unfused_calls_between_fused_ones_leave_the_weights_as_loaded(omni_facto
 
 
 def test_a_fused_image_matches_peft_merged_and_unfused_within_rounding(omni_factory, make_adapter):
-    from peft import PeftModel
-
     adapter_dir = make_adapter("a", rank=8, alpha=32, targets=("to_q", "to_v", "proj_out", "ff.net.2"))
     request = LoRARequest("a", 1, str(adapter_dir))
     fused = _pixels(omni_factory(fuse="always").generate(PROMPT, seed=SEED, lora_request=request)[0])
@@ -73,19 +70,7 @@ def test_a_fused_image_matches_peft_merged_and_unfused_within_rounding(omni_fact
     base = _pixels(unfused_omni.generate(PROMPT, seed=SEED)[0])
     unfused = _pixels(unfused_omni.generate(PROMPT, seed=SEED, lora_request=request)[0])
 
-    reference = load_model("tiny-sd3", device=torch.device("cpu"), dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(reference.pipeline.transformer, str(adapter_dir))
-    reference.pipeline.transformer = peft_model.merge_and_unload()
-    merged = _pixels(
-        reference.pipeline(
-            PROMPT,
-            num_inference_steps=2,
-            guidance_scale=5.0,
-            height=32,
-            width=32,
-            generator=[torch.Generator().manual_seed(SEED)],
-        ).images[0]
-    )
+    merged = peft_reference(adapter_dir, PROMPT, SEED, merged=True)
 
     assert np.abs(fused - base).max() > 8, "the adapter should visibly change the image"
     assert np.abs(fused - merged).max() <= 1

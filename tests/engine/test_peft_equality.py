@@ -4,28 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from fixtures.engine import peft_reference
 
 from omni_engine.lora.request import LoRARequest
-from omni_engine.models.loader import load_model
 
 PROMPT, SEED = "a small house by a lake", 21
-
-
-def _peft_reference(adapter_dir) -> np.ndarray:
-    from peft import PeftModel
-
-    model = load_model("tiny-sd3", device=torch.device("cpu"), dtype=torch.float32)
-    model.pipeline.transformer = PeftModel.from_pretrained(model.pipeline.transformer, str(adapter_dir))
-    image = model.pipeline(
-        PROMPT,
-        num_inference_steps=2,
-        guidance_scale=5.0,
-        height=32,
-        width=32,
-        generator=[torch.Generator().manual_seed(SEED)],
-    ).images[0]
-    return np.asarray(image, dtype=np.int16)
 
 
 @pytest.mark.parametrize(
@@ -49,7 +32,7 @@ def test_image_equals_peftmodel(omni_factory, make_adapter, adapter_kwargs, layo
     base = np.asarray(omni.generate(PROMPT, seed=SEED)[0].images[0], dtype=np.int16)
     request = LoRARequest("x", 1, str(ours_dir))
     ours = np.asarray(omni.generate(PROMPT, seed=SEED, lora_request=request)[0].images[0], dtype=np.int16)
-    reference = _peft_reference(reference_dir)
+    reference = peft_reference(reference_dir, PROMPT, SEED)
 
     assert np.abs(ours - base).max() > 8, "the adapter should visibly change the image"
     assert np.abs(ours - reference).max() <= 1

@@ -6,12 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fixtures.engine import image_bytes
+from fixtures.engine import image_bytes, peft_reference
 
 from omni_engine.errors import IncompatibleAdapterError
 from omni_engine.lora import slots
 from omni_engine.lora.request import LoRARequest
-from omni_engine.models.loader import load_model
 
 PROMPT, SEED = "a red boat", 3
 SLOT = f"{slots.SLOT_PREFIX}0"
@@ -95,7 +94,6 @@ def test_mixed_adapters_through_one_slot_equal_a_fresh_engine_each(omni_factory,
 
 
 def test_an_adapter_in_a_used_slot_equals_peftmodel(omni_factory, make_adapter):
-    from peft import PeftModel
 
     kwargs = MIXED["r8-alpha32-targets"]
     request = LoRARequest("x", 1, str(make_adapter("x", seed=99, **kwargs)))
@@ -104,19 +102,8 @@ def test_an_adapter_in_a_used_slot_equals_peftmodel(omni_factory, make_adapter):
         _image(omni, LoRARequest(name, 2, str(make_adapter(name, **MIXED[name]))))
     ours = np.asarray(omni.generate(PROMPT, seed=SEED, lora_request=request)[0].images[0], dtype=np.int16)
 
-    reference = load_model("tiny-sd3", device=torch.device("cpu"), dtype=torch.float32)
-    reference.pipeline.transformer = PeftModel.from_pretrained(
-        reference.pipeline.transformer, request.lora_path
-    )
-    theirs = reference.pipeline(
-        PROMPT,
-        num_inference_steps=2,
-        guidance_scale=5.0,
-        height=32,
-        width=32,
-        generator=[torch.Generator().manual_seed(SEED)],
-    ).images[0]
-    assert np.abs(ours - np.asarray(theirs, dtype=np.int16)).max() <= 1
+    theirs = peft_reference(request.lora_path, PROMPT, SEED)
+    assert np.abs(ours - theirs).max() <= 1
 
 
 @pytest.fixture
