@@ -80,7 +80,7 @@ class LoRAAdapter:
     def racy(self) -> bool:
         """Whether a file's time stamps are too close to the last check for the stat to prove anything.
 
-        A ctime at or after (the window before) the check, or an mtime within the window either side.
+        A ctime no earlier than RACY_WINDOW_NS before the check, or an mtime within the window of it.
         """
         return any(
             ctime >= self.checked_ns - RACY_WINDOW_NS or abs(mtime - self.checked_ns) <= RACY_WINDOW_NS
