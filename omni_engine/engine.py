@@ -162,10 +162,11 @@ class Omni:
             # 2. Activate the adapter (a switch if resident, a load otherwise), or merge it into
             #    the weights for this call (fused: restored exactly when the call ends).
             started = time.perf_counter()
-            fuse = lora_request is not None and lora_scale != 0.0 and self._fuses(len(prompts), steps)
-            activation = self._lora.activate(lora_request, float(lora_scale), fuse=fuse)
+            activation = self._lora.activate(
+                lora_request, float(lora_scale), fuse=self._fuses(len(prompts), steps)
+            )
             adapter, source = activation.adapter, activation.source
-            if fuse:
+            if activation.fused:
                 merged.enter_context(fused(self._model.denoiser, adapter, float(lora_scale)))
             adapter_s = time.perf_counter() - started
 
@@ -190,7 +191,7 @@ class Omni:
             "lora": lora,
             "lora_scale": float(lora_scale),
             "adapter_source": source,
-            "fused": fuse,
+            "fused": activation.fused,
             "num_inference_steps": steps,
             "guidance_scale": guidance,
             "height": height,

@@ -205,6 +205,12 @@ def _pattern_key_problem(key: Any) -> str | None:
     return None
 
 
+def peft_scaling(alpha: float, rank: int, *, use_rslora: bool, scale: float = 1.0) -> float:
+    """PEFT's factor on `B @ A`, in its order of operations (`set_scale`; `update_layer` is scale
+    1.0), so weights merged or set here round exactly as PEFT's."""
+    return scale * alpha / (math.sqrt(rank) if use_rslora else rank)
+
+
 def _finite_number(value: Any) -> bool:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False

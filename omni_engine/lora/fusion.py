@@ -11,7 +11,6 @@ to the model as loaded.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,17 +19,18 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from omni_engine.lora.adapter import LoRAAdapter
+from omni_engine.lora.config import peft_scaling
 
 # Device memory that must stay free after the backups are taken; below it they go to host memory.
 MIN_FREE_DEVICE_BYTES = 1024**3
 
 
 def scaling(adapter: LoRAAdapter, module: str, scale: float) -> float:
-    """PEFT's `set_scale` arithmetic, in its order, so merged and PEFT weights round alike."""
-    alpha, rank = adapter.config.alpha_for(module), adapter.ranks[module]
-    if adapter.config.use_rslora:
-        return scale * alpha / math.sqrt(rank)
-    return scale * alpha / rank
+    """The factor on the module's `B @ A` at `scale`, as PEFT computes it."""
+    config = adapter.config
+    return peft_scaling(
+        config.alpha_for(module), adapter.ranks[module], use_rslora=config.use_rslora, scale=scale
+    )
 
 
 def base_layer(model: torch.nn.Module, module: str) -> torch.nn.Module:

@@ -60,11 +60,12 @@ class LoRAStats:
 
 @dataclass(frozen=True)
 class Activation:
-    """What `activate` did: the adapter (None: the base model), where it came from, how long the
-    call waited for its files."""
+    """What `activate` did: the adapter (None: the base model), where it came from, whether the
+    caller must merge it for the call, how long the call waited for its files."""
 
     adapter: LoRAAdapter | None
     source: AdapterSource | None
+    fused: bool = False
     stall_s: float = 0.0
 
 
@@ -121,7 +122,6 @@ class LoRAManager:
         self._active: object = None  # None (LoRA off), (slot name, scale), or _UNKNOWN
         self._last_activated: AdapterKey | None = None
         self._prefetcher = Prefetcher(self._read, capacity=max_cpu_loras)
-        self._stall_s = 0.0
         self.stats = LoRAStats()
 
     # -- public operations -------------------------------------------------------------------
@@ -129,21 +129,22 @@ class LoRAManager:
     def activate(self, request: LoRARequest | None, scale: float, *, fuse: bool = False) -> Activation:
         """Make the request's adapter the only active one at `scale` (None or 0.0: the base model).
 
-        With `fuse`, the adapter is only held, not made resident, and the model's LoRA layers are off:
-        the caller merges it into the weights for the call (`fusion.fused`).
+        With `fuse` (and a scale other than 0.0), the adapter is only held, not made resident, and the
+        model's LoRA layers are off: the caller merges it into the weights for the call
+        (`fusion.fused`), as the returned `Activation.fused` says.
         """
         if request is None:
             self._apply(None)
             return Activation(None, None)
         fuse = fuse and scale != 0.0
-        self._stall_s = 0.0
+        stalled_before = self.stats.stall_s
         adapter, source = self._acquire(request, resident=not fuse)
         target = None if fuse or scale == 0.0 else (self._resident.get(adapter.key), scale)
         self._apply(target)
         if target is not None and adapter.key != self._last_activated:
             self.stats.activations += 1
             self._last_activated = adapter.key
-        return Activation(adapter, source, self._stall_s)
+        return Activation(adapter, source, fuse, self.stats.stall_s - stalled_before)
 
     def prefetch(self, requests: Iterable[LoRARequest]) -> None:
         """Read and check these adapters in the background, unless held as they are on disk now.
@@ -156,8 +157,7 @@ class LoRAManager:
                 directory, sig = signature(request.lora_path, self._roots, adapter=request.lora_name)
             except AdapterError:
                 continue
-            key = self._by_path.get(str(directory))
-            held = self._held.get(key) if key is not None else None
+            held = self._held_at(directory)
             if held is None or held.signature != sig:
                 wanted.append(request)
         if wanted:
@@ -244,8 +244,8 @@ class LoRAManager:
         try:
             checked_ns = time.time_ns()
             directory, sig = signature(request.lora_path, self._roots, adapter=name)
-            key = self._by_path.get(str(directory))
-            held = self._held.get(key) if key is not None else None
+            held = self._held_at(directory)
+            key = held.key if held is not None else None
             confirmed = confirm(held, sig, checked_ns=checked_ns) if held is not None else None
             if confirmed is not None:
                 adapter, replacing = confirmed, None
@@ -308,8 +308,12 @@ class LoRAManager:
                     return current
             return self._read(request)
         finally:
-            self._stall_s += time.perf_counter() - started
             self.stats.stall_s += time.perf_counter() - started
+
+    def _held_at(self, directory: Path) -> LoRAAdapter | None:
+        """The adapter held for this canonical directory, if any (whatever its files hold now)."""
+        key = self._by_path.get(str(directory))
+        return self._held.get(key) if key is not None else None
 
     def _read(self, request: LoRARequest) -> LoRAAdapter:
         adapter = read_adapter(

@@ -30,6 +30,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from omni_engine.lora.adapter import AdapterKey, LoRAAdapter
+from omni_engine.lora.config import peft_scaling
 from omni_engine.lora.layers import LayerShape
 from omni_engine.lora.load_failures import quiet_rollback
 
@@ -191,7 +192,7 @@ class SlotBank:
                 layer.r[slot.name] = r
                 layer.lora_alpha[slot.name] = alpha
                 layer.use_rslora[slot.name] = adapter.config.use_rslora
-                layer.scaling[slot.name] = alpha / math.sqrt(r) if adapter.config.use_rslora else alpha / r
+                layer.scaling[slot.name] = peft_scaling(alpha, r, use_rslora=adapter.config.use_rslora)
         slot.adapter = adapter
 
 

@@ -28,6 +28,16 @@ def _generate(omni, request):
     return omni.generate("x", seed=1, lora_request=request)[0]
 
 
+def _served(omni_factory, make_adapter):
+    """An engine that has served adapter "a" once, and "b": same rank and targets, so a weights file
+    of the same size to rewrite "a" with. Returns (omni, a's path, b's path, a's request, a's output)."""
+    omni = omni_factory()
+    path = make_adapter("a", seed=1)
+    other = make_adapter("b", seed=2)
+    request = LoRARequest("a", 1, str(path))
+    return omni, path, other, request, _generate(omni, request)
+
+
 def _rewrite_in_place_keeping_times(target: Path, source: Path) -> None:
     """What `cp -p`, `rsync --inplace -t` or tar do: same inode, new bytes, the old atime and mtime."""
     before = target.stat()
@@ -85,11 +95,7 @@ def test_digests_are_what_sha256sum_prints(omni_factory, make_adapter):
 
 
 def test_an_in_place_rewrite_keeping_size_and_mtime_is_served_fresh(omni_factory, make_adapter):
-    omni = omni_factory()
-    path = make_adapter("a", seed=1)
-    other = make_adapter("b", seed=2)  # same rank and targets: a weights file of the same size
-    request = LoRARequest("a", 1, str(path))
-    old = _generate(omni, request)
+    omni, path, other, request, old = _served(omni_factory, make_adapter)
 
     _rewrite_in_place_keeping_times(path / WEIGHTS, other / WEIGHTS)
     new = _generate(omni, request)
@@ -103,11 +109,7 @@ def test_an_in_place_rewrite_keeping_size_and_mtime_is_served_fresh(omni_factory
 def test_the_ctime_alone_reveals_an_in_place_rewrite(omni_factory, make_adapter, monkeypatch):
     # No racy window: only the stat decides, and the ctime is the one field the rewrite changes.
     monkeypatch.setattr(adapter_module, "RACY_WINDOW_NS", 0)
-    omni = omni_factory()
-    path = make_adapter("a", seed=1)
-    other = make_adapter("b", seed=2)
-    request = LoRARequest("a", 1, str(path))
-    old = _generate(omni, request)
+    omni, path, other, request, old = _served(omni_factory, make_adapter)
     time.sleep(CTIME_TICK_S)
 
     _rewrite_in_place_keeping_times(path / WEIGHTS, other / WEIGHTS)
@@ -136,11 +138,7 @@ def _same_tick(monkeypatch, held_ctimes: dict[str, int]) -> None:
 
 
 def test_a_rewrite_in_the_same_ctime_tick_is_caught_by_rehashing(omni_factory, make_adapter, monkeypatch):
-    omni = omni_factory()
-    path = make_adapter("a", seed=1)
-    other = make_adapter("b", seed=2)
-    request = LoRARequest("a", 1, str(path))
-    old = _generate(omni, request)
+    omni, path, other, request, old = _served(omni_factory, make_adapter)
     _same_tick(monkeypatch, _ctimes(path))
 
     _rewrite_in_place_keeping_times(path / WEIGHTS, other / WEIGHTS)
@@ -154,11 +152,7 @@ def test_a_rewrite_in_the_same_ctime_tick_is_caught_by_rehashing(omni_factory, m
 def test_without_the_racy_window_a_same_tick_rewrite_would_be_missed(omni_factory, make_adapter, monkeypatch):
     """The control for the test above: the simulated stat really is indistinguishable."""
     monkeypatch.setattr(adapter_module, "RACY_WINDOW_NS", 0)
-    omni = omni_factory()
-    path = make_adapter("a", seed=1)
-    other = make_adapter("b", seed=2)
-    request = LoRARequest("a", 1, str(path))
-    _generate(omni, request)
+    omni, path, other, request, _ = _served(omni_factory, make_adapter)
     _same_tick(monkeypatch, _ctimes(path))
     time.sleep(CTIME_TICK_S)  # mtime is restored, ctime simulated: no time stamp is near the check
 
