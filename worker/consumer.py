@@ -32,8 +32,8 @@ from producer.schema import validate_job
 from worker.admission import Admission, to_pending
 from worker.attempts import AttemptCounter
 from worker.errors import AttemptsUnavailableError, PoisonJobError
-from worker.execute import Result, failure, generate_group, read_ahead, store_with_retry
-from worker.scheduler import Pending, take_next_group
+from worker.execute import Result, failure, generate_group, store_with_retry, take_group
+from worker.scheduler import Pending
 from worker.settings import WorkerSettings, build_engine
 
 logger = logging.getLogger("omni.worker")
@@ -190,10 +190,7 @@ class GroupingConsumer:
         return to_pending(admitted, payload=(request, admitted))
 
     def run_next(self) -> None:
-        resident, host = self.engine.held_adapters()
-        now = time.monotonic()
-        group = take_next_group(self.window, resident=resident, host=host, now=now, policy=self.policy)
-        read_ahead(self.engine, self.window, lambda pending: pending.payload[1], policy=self.policy, now=now)
+        group = take_group(self.engine, self.window, lambda pending: pending.payload[1], policy=self.policy)
         live = []
         for p in group:
             if p.payload[0].revoked():  # revoked meanwhile: Celery acked it; settle its other deliveries

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from omni_engine import Omni
 from producer.schema import Job
 from worker.admission import Admission, to_pending
-from worker.execute import Result, generate_group, read_ahead, store
-from worker.scheduler import Pending, take_next_group
+from worker.execute import Result, generate_group, store, take_group
+from worker.scheduler import Pending
 from worker.settings import WorkerSettings
 
 
@@ -87,10 +87,7 @@ def run_jobs(
 
     refill()
     while window:
-        resident, host = engine.held_adapters()
-        now = time.monotonic()
-        group = take_next_group(window, resident=resident, host=host, now=now, policy=policy)
-        read_ahead(engine, window, lambda pending: pending.payload, policy=policy, now=now)
+        group = take_group(engine, window, lambda pending: pending.payload, policy=policy)
         results = generate_group(engine, [p.payload for p in group])
         for result in results:
             store(result)

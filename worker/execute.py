@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from producer.records import encode, error_record, sidecar
 from producer.schema import Job
 from producer.storage import Storage
 from worker.errors import OutOfMemoryError
-from worker.scheduler import Pending, SchedulerPolicy, upcoming_cold_adapters
+from worker.scheduler import Pending, SchedulerPolicy, take_next_group, upcoming_cold_adapters
 
 logger = logging.getLogger("omni.worker")
 
@@ -75,30 +75,27 @@ def failure(item: WorkItem, error: BaseException) -> Result:
     return Result(item, error_record(item.job, error), error=error)
 
 
-def read_ahead(
-    engine: Omni,
-    window: Sequence[Pending],
-    item_of: Callable[[Pending], WorkItem],
-    *,
-    policy: SchedulerPolicy,
-    now: float,
-) -> None:
-    """Have the engine read the adapters of the next groups while this one computes.
-
-    `window` is what remains after the group was taken; `item_of` finds a Pending's WorkItem.
-    """
+def take_group(
+    engine: Omni, window: list[Pending], item_of: Callable[[Pending], WorkItem], *, policy: SchedulerPolicy
+) -> list[Pending]:
+    """The next group, taken from `window`; the engine starts reading, in the background, the cold
+    adapters of the groups after it. `item_of` finds a Pending's WorkItem."""
     resident, host = engine.held_adapters()
+    now = time.monotonic()
+    group = take_next_group(window, resident=resident, host=host, now=now, policy=policy)
+    # The group's own adapter is loaded by its call: never read it twice.
+    held = {*host, *(p.adapter for p in group[:1] if p.adapter is not None)}
     wanted = upcoming_cold_adapters(
-        window, resident=resident, host=host, now=now, policy=policy, limit=READ_AHEAD
+        window, resident=resident, host=held, now=now, policy=policy, limit=READ_AHEAD
     )
-    if not wanted:
-        return
     requests = {}
     for pending in window:
         request = item_of(pending).request
         if request is not None and request.lora_path in wanted:
             requests.setdefault(request.lora_path, request)
-    engine.prefetch_loras([requests[path] for path in wanted])
+    if wanted:
+        engine.prefetch_loras([requests[path] for path in wanted])
+    return group
 
 
 def generate_group(engine: Omni, items: list[WorkItem]) -> list[Result]:

@@ -101,3 +101,25 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_every_job_completes(tmp_pa
         hook.remove()
     assert [r.ok for r in results] == [True] * 4
     assert [Image.open(BytesIO(r.image)).tobytes() for r in results] == alone, "split into batches of one"
+
+
+def test_taking_a_group_reads_ahead_the_next_groups_adapters_but_not_its_own(make_adapter, tmp_path):
+    from omni_engine.lora.request import LoRARequest
+    from worker.admission import to_pending
+    from worker.execute import take_group
+    from worker.scheduler import SchedulerPolicy
+
+    engine = Omni("tiny-sd3", device="cpu", max_loras=1, max_cpu_loras=4)
+    storage = open_storage(str(tmp_path / "out"))
+    requests = {name: LoRARequest(name, i + 1, str(make_adapter(name))) for i, name in enumerate("ab")}
+    adapters = ["a"] * 10 + ["b"]  # "a" needs two calls of 8 and 2; "b" comes after
+    window = []
+    for i, name in enumerate(adapters):
+        item = WorkItem(validate_job({"prompt": f"p{i}", "adapter": name}), requests[name], storage)
+        window.append(to_pending(item, payload=item))
+
+    group = take_group(engine, window, lambda pending: pending.payload, policy=SchedulerPolicy(max_batch=8))
+
+    assert [p.adapter for p in group] == [requests["a"].lora_path] * 8
+    # "a" is read by the group's own call; reading it ahead too would read it twice.
+    assert engine._lora._prefetcher.pending() == [requests["b"].lora_path]
