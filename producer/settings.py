@@ -30,6 +30,8 @@ ENV_MAX_ATTEMPTS = "OMNI_MAX_ATTEMPTS"
 ENV_MAX_BATCH = "OMNI_MAX_BATCH"
 ENV_CACHE_DIR = "OMNI_CACHE_DIR"
 ENV_FUSE = "OMNI_FUSE"
+ENV_METRICS_PORT = "OMNI_METRICS_PORT"
+ENV_SUMMARY_INTERVAL = "OMNI_SUMMARY_INTERVAL"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +52,8 @@ class Environment:
     max_batch: int | None = None
     cache_dir: str | None = None
     fuse: str | None = None
+    metrics_port: int | None = None
+    summary_interval_s: int | None = None
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
@@ -88,4 +92,6 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         max_batch=integer(ENV_MAX_BATCH),
         cache_dir=text(ENV_CACHE_DIR),
         fuse=text(ENV_FUSE),
+        metrics_port=integer(ENV_METRICS_PORT),
+        summary_interval_s=integer(ENV_SUMMARY_INTERVAL),
     )

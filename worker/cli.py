@@ -24,14 +24,17 @@ from producer.settings import (
     ENV_MAX_BATCH,
     ENV_MAX_CPU_LORAS,
     ENV_MAX_LORAS,
+    ENV_METRICS_PORT,
     ENV_MODEL,
     ENV_OUTPUT_URI,
+    ENV_SUMMARY_INTERVAL,
     ENV_WINDOW,
 )
 from worker.scheduler import DEFAULT_MAX_BATCH
 from worker.settings import (
     DEFAULT_MAX_CPU_LORAS,
     DEFAULT_MAX_LORAS,
+    DEFAULT_SUMMARY_INTERVAL_S,
     DEFAULT_WINDOW,
     WorkerSettings,
 )
@@ -112,6 +115,20 @@ def register_worker(subparsers: argparse._SubParsersAction) -> None:
     _add_engine_flags(worker, out_help="the output of jobs that name none")
     worker.add_argument(
         "--idle", type=float, dest="idle_s", help="seconds without arrivals before a group runs"
+    )
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help=f"serve Prometheus metrics at http://HOST:PORT/metrics (default: ${ENV_METRICS_PORT}, else off)",
+    )
+    worker.add_argument(
+        "--summary-interval",
+        type=float,
+        dest="summary_interval_s",
+        metavar="S",
+        help=f"seconds between summary lines in the log, 0 for none "
+        f"(default: ${ENV_SUMMARY_INTERVAL} or {DEFAULT_SUMMARY_INTERVAL_S:g})",
     )
     worker.add_argument("--hostname", help="Celery node name (default: omni@<host>)")
     worker.add_argument("--loglevel", default="INFO")
@@ -195,7 +212,15 @@ def worker_command(args: argparse.Namespace) -> int:
     # HTTP client logs carry request headers, and so the access key id, even at DEBUG.
     for library in ("botocore", "boto3", "s3transfer", "urllib3"):
         logging.getLogger(library).setLevel(max(logging.INFO, logging.getLogger(library).level))
-    settings = _settings(args, broker_url=args.broker, idle_s=args.idle_s)
+    settings = _settings(
+        args,
+        broker_url=args.broker,
+        idle_s=args.idle_s,
+        metrics_port=args.metrics_port,
+        summary_interval_s=args.summary_interval_s,
+    )
+    if settings.metrics_port:
+        _serve_metrics(settings)
     app = make_app(settings)
     app.worker_main(
         [
@@ -210,3 +235,22 @@ def worker_command(args: argparse.Namespace) -> int:
         ]
     )
     return EXIT_OK
+
+
+def _serve_metrics(settings: WorkerSettings) -> None:
+    """Start the metrics endpoint before the model loads, so a scrape sees a worker that is starting."""
+    from importlib.metadata import version
+
+    from worker import metrics
+
+    metrics.serve(
+        settings.metrics_port,
+        info={
+            "version": version("omni-batch"),
+            "model": settings.model,
+            "max_loras": str(settings.max_loras),
+            "max_cpu_loras": str(settings.max_cpu_loras),
+            "max_batch": str(settings.max_batch),
+            "fuse": settings.fuse.value,
+        },
+    )

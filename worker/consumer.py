@@ -29,6 +29,7 @@ from producer.layout import JSON_CONTENT_TYPE, error_key
 from producer.records import encode, error_record
 from producer.redact import redact_credentials
 from producer.schema import validate_job
+from worker import metrics
 from worker.admission import Admission, to_pending
 from worker.attempts import AttemptCounter
 from worker.errors import AttemptsUnavailableError, PoisonJobError
@@ -70,6 +71,9 @@ class GroupingConsumer:
         self.uploader = ThreadPoolExecutor(1, thread_name_prefix="omni-store")
         self.last_arrival = time.monotonic()
         self._timer = None
+        metrics.WINDOW_JOBS.set_function(lambda: len(self.window))
+        metrics.WINDOW_CAPACITY.set(settings.window)
+        self.summary = metrics.SummaryLog(settings.summary_interval_s)
 
     # -- Celery wiring -------------------------------------------------------------------------
 
@@ -153,6 +157,7 @@ class GroupingConsumer:
             self.harvest()
             if self.window and time.monotonic() - self.last_arrival >= self.settings.idle_s:
                 self.run_next()
+            self.summary.maybe_log(len(self.window), self.settings.window)
         except Exception:  # the timer must keep running whatever one group did
             logger.exception("omni-batch worker: unexpected error between groups")
 
@@ -181,6 +186,7 @@ class GroupingConsumer:
             self._fail(request, e)
             return None
         if admitted is None:
+            metrics.JOBS_SKIPPED.inc()
             self._finish(request)  # its outputs exist: a redelivery, or the same job sent again
             return None
         self.held[job.job_id] = []
@@ -265,11 +271,13 @@ class GroupingConsumer:
                 if isinstance(error, StorageUnavailableError):
                     # Its start stays counted: a job the storage never takes is bounded too.
                     logger.error("job %s: storage unreachable, back to the queue: %s", request.id, error)
+                    metrics.JOBS_REQUEUED.labels(type(error).__name__).inc()
                     for delivery in deliveries:
                         delivery.reject(requeue=True)
                         task_ready(delivery)
                     continue
                 if error is None and result.ok:
+                    metrics.JOBS_DONE.inc()
                     self._finish(request)
                 else:
                     self._fail(request, error or result.error)
@@ -281,6 +289,7 @@ class GroupingConsumer:
     def _requeue(self, group: list[Pending], error: AttemptsUnavailableError) -> None:
         """Back to the queue, not run: without the start counts a poison job could kill every worker."""
         logger.error("%d job(s) back to the queue, not run: %s", len(group), error)
+        metrics.JOBS_REQUEUED.labels(type(error).__name__).inc(len(group))
         for p in group:
             for delivery in [p.payload[0], *self.held.pop(p.job_id, [])]:
                 delivery.reject(requeue=True)
@@ -293,6 +302,7 @@ class GroupingConsumer:
     def _fail(self, request: Any, error: BaseException) -> None:
         """A failure for good: Celery's FAILURE state (when results are kept), then the ack."""
         logger.warning("job %s failed: %s: %s", request.id, type(error).__name__, error)
+        metrics.JOBS_FAILED.labels(type(error).__name__).inc()
         if not isinstance(self.app.backend, DisabledBackend):
             try:
                 self.app.backend.mark_as_failure(request.id, error, request=request._context)

@@ -14,7 +14,7 @@ from omni_engine.lora.fuse_mode import FuseMode
 from omni_engine.models.presets import DEFAULT_MODEL
 from producer.defaults import DEFAULT_BROKER_URL
 from producer.errors import SettingsError
-from producer.settings import ENV_FUSE, read_environment
+from producer.settings import ENV_FUSE, ENV_METRICS_PORT, ENV_SUMMARY_INTERVAL, read_environment
 from worker.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S, SchedulerPolicy
 
 if TYPE_CHECKING:
@@ -32,6 +32,12 @@ DEFAULT_STORE_ATTEMPTS = 6
 DEFAULT_STORE_BACKOFF_S = 0.5
 # Starts of one job that may end with the worker dead before it is failed as poison.
 DEFAULT_MAX_ATTEMPTS = 3
+# Prometheus metrics are off unless a port is given: workers sharing a host (one per GPU) each
+# need their own, so no single default would do.
+DEFAULT_METRICS_PORT = 0
+# Seconds between two summary lines in the worker's log (0: none).
+DEFAULT_SUMMARY_INTERVAL_S = 60.0
+_MAX_PORT = 65535
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,10 +59,22 @@ class WorkerSettings:
     store_backoff_s: float = DEFAULT_STORE_BACKOFF_S
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     fuse: FuseMode = FuseMode.AUTO
+    metrics_port: int = DEFAULT_METRICS_PORT
+    summary_interval_s: float = DEFAULT_SUMMARY_INTERVAL_S
 
     def __post_init__(self) -> None:
         if self.window < 1:
             raise SettingsError(f"the window must hold at least one job, got {self.window}")
+        if not 0 <= self.metrics_port <= _MAX_PORT:
+            raise SettingsError(
+                f"the metrics port (${ENV_METRICS_PORT}, --metrics-port) must be 0 (off) to {_MAX_PORT}, "
+                f"got {self.metrics_port}"
+            )
+        if not 0 <= self.summary_interval_s < float("inf"):
+            raise SettingsError(
+                f"the summary interval (${ENV_SUMMARY_INTERVAL}, --summary-interval) must be 0 (off) or "
+                f"a number of seconds, got {self.summary_interval_s}"
+            )
         try:
             object.__setattr__(self, "fuse", FuseMode(self.fuse))
         except ValueError:
@@ -83,6 +101,8 @@ class WorkerSettings:
             "max_attempts": env.max_attempts,
             "max_batch": env.max_batch,
             "fuse": env.fuse,
+            "metrics_port": env.metrics_port,
+            "summary_interval_s": env.summary_interval_s,
         }
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**{name: value for name, value in values.items() if value is not None})
