@@ -32,6 +32,17 @@ ENV_CACHE_DIR = "OMNI_CACHE_DIR"
 ENV_FUSE = "OMNI_FUSE"
 ENV_METRICS_PORT = "OMNI_METRICS_PORT"
 ENV_SUMMARY_INTERVAL = "OMNI_SUMMARY_INTERVAL"
+ENV_TASK_EVENTS = "OMNI_TASK_EVENTS"
+_SWITCH = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +65,7 @@ class Environment:
     fuse: str | None = None
     metrics_port: int | None = None
     summary_interval_s: int | None = None
+    task_events: bool = True
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
@@ -76,6 +88,14 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         except ValueError:
             raise SettingsError(f"${name} must be an integer, got {raw!r}") from None
 
+    def switch(name: str, default: bool) -> bool:
+        raw = text(name)
+        if raw is None:
+            return default
+        if raw.lower() not in _SWITCH:
+            raise SettingsError(f"${name} must be one of 1, 0, true, false, yes, no, on, off, got {raw!r}")
+        return _SWITCH[raw.lower()]
+
     roots = text(ENV_ADAPTER_ROOTS) or ""
     return Environment(
         broker_url=text(ENV_BROKER_URL) or DEFAULT_BROKER_URL,
@@ -94,4 +114,5 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         fuse=text(ENV_FUSE),
         metrics_port=integer(ENV_METRICS_PORT),
         summary_interval_s=integer(ENV_SUMMARY_INTERVAL),
+        task_events=switch(ENV_TASK_EVENTS, True),
     )

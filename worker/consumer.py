@@ -11,6 +11,7 @@ fails for good is recorded and acked; one whose storage stayed unreachable is re
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -131,6 +132,17 @@ class GroupingConsumer:
             if (request.expires or request.id in revoked_tasks) and request.revoked():
                 return  # revoked or expired: Celery acked it and recorded why
             task_reserved(request)
+            request.send_event(
+                "task-received",
+                name=request.name,
+                args=request.argsrepr,
+                kwargs=request.kwargsrepr,
+                root_id=request.root_id,
+                parent_id=request.parent_id,
+                retries=request.request_dict.get("retries", 0),
+                eta=None,
+                expires=request.expires and request.expires.isoformat(),
+            )
             try:
                 self.receive(request)
             except Exception as e:  # one bad message must not take the consumer down
@@ -187,7 +199,7 @@ class GroupingConsumer:
             return None
         if admitted is None:
             metrics.JOBS_SKIPPED.inc()
-            self._finish(request)  # its outputs exist: a redelivery, or the same job sent again
+            self._succeed(request, "skipped: its outputs exist")  # a redelivery, or sent again
             return None
         self.held[job.job_id] = []
         if isinstance(admitted, Result):
@@ -234,6 +246,9 @@ class GroupingConsumer:
 
     def _generate(self, batch: list[Pending]) -> None:
         items = [p.payload[1] for p in batch]
+        started = time.monotonic()
+        for p in batch:  # Celery's active state and a task-started event, as its pool would do
+            p.payload[0].on_accepted(os.getpid(), started)
         logger.debug(
             "running %d job(s) for %s; %d left in the window", len(items), batch[0].adapter, len(self.window)
         )
@@ -278,7 +293,7 @@ class GroupingConsumer:
                     continue
                 if error is None and result.ok:
                     metrics.JOBS_DONE.inc()
-                    self._finish(request)
+                    self._succeed(request, "stored")
                 else:
                     self._fail(request, error or result.error)
                 for extra in deliveries[1:]:
@@ -295,6 +310,12 @@ class GroupingConsumer:
                 delivery.reject(requeue=True)
                 task_ready(delivery)
 
+    def _succeed(self, request: Any, outcome: str) -> None:
+        """Done (or done already): the task-succeeded event monitors such as Flower wait for, then the ack."""
+        runtime = time.time() - request.time_start if request.time_start else 0.0
+        request.send_event("task-succeeded", result=outcome, runtime=runtime)
+        self._finish(request)
+
     def _finish(self, request: Any) -> None:
         request.acknowledge()
         task_ready(request)
@@ -303,6 +324,7 @@ class GroupingConsumer:
         """A failure for good: Celery's FAILURE state (when results are kept), then the ack."""
         logger.warning("job %s failed: %s: %s", request.id, type(error).__name__, error)
         metrics.JOBS_FAILED.labels(type(error).__name__).inc()
+        request.send_event("task-failed", exception=f"{type(error).__name__}: {error}", traceback="")
         if not isinstance(self.app.backend, DisabledBackend):
             try:
                 self.app.backend.mark_as_failure(request.id, error, request=request._context)

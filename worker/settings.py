@@ -61,6 +61,7 @@ class WorkerSettings:
     fuse: FuseMode = FuseMode.AUTO
     metrics_port: int = DEFAULT_METRICS_PORT
     summary_interval_s: float = DEFAULT_SUMMARY_INTERVAL_S
+    task_events: bool = True
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -103,6 +104,7 @@ class WorkerSettings:
             "fuse": env.fuse,
             "metrics_port": env.metrics_port,
             "summary_interval_s": env.summary_interval_s,
+            "task_events": env.task_events,
         }
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**{name: value for name, value in values.items() if value is not None})

@@ -43,6 +43,13 @@ def test_a_malformed_number_names_the_variable_and_is_bad_usage() -> None:
     assert isinstance(info.value, UsageError) and isinstance(info.value, ValueError)
 
 
+def test_task_events_are_on_unless_switched_off_and_a_bad_switch_is_named() -> None:
+    assert read_environment({}).task_events is True
+    assert read_environment({settings.ENV_TASK_EVENTS: "Off"}).task_events is False
+    with pytest.raises(SettingsError, match=r"\$OMNI_TASK_EVENTS must be one of .*, got 'maybe'"):
+        read_environment({settings.ENV_TASK_EVENTS: "maybe"})
+
+
 def test_the_process_environment_is_read_at_each_call(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(settings.ENV_MODEL, "small-sd3")
     assert read_environment().model == "small-sd3"
