@@ -8,7 +8,7 @@ first means a typo on line 90,000 costs nothing: no half-submitted batch to clea
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from producer.errors import JobFileError, JobValidationError
@@ -16,6 +16,8 @@ from producer.schema import Job, parse_job_line
 
 STDIN = "-"
 MAX_PROBLEMS_SHOWN = 20
+# Lines validated between two progress reports.
+PROGRESS_EVERY = 1000
 
 
 class JobFile(NamedTuple):
@@ -35,11 +37,18 @@ def _read(path: str) -> bytes:
         raise JobFileError(f"cannot read {path}: {e.strerror or e}") from e
 
 
-def read_job_file(path: str, defaults: Mapping[str, Any] | None = None, *, action: str) -> JobFile:
+def read_job_file(
+    path: str,
+    defaults: Mapping[str, Any] | None = None,
+    *,
+    action: str,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> JobFile:
     """Every job of the file (`-`: stdin), `defaults` filling the fields a line lacks.
 
     Raises JobFileError listing each bad line (and saying nothing was `action`), or when the file
     holds no job. Identical repeats are dropped; two different jobs with one job_id are an error.
+    `on_progress(lines_done, lines_total)` is called as validation goes, and once at the end.
     """
     name = "stdin" if path == STDIN else path
     problems: list[str] = []
@@ -48,7 +57,10 @@ def read_job_file(path: str, defaults: Mapping[str, Any] | None = None, *, actio
     seen: dict[str, tuple[int, Job]] = {}
     duplicates = 0
     # bytes.splitlines splits on \n, \r\n and \r only: never inside a JSON string.
-    for lineno, raw in enumerate(_read(path).splitlines(), start=1):
+    lines = _read(path).splitlines()
+    for lineno, raw in enumerate(lines, start=1):
+        if on_progress is not None and lineno % PROGRESS_EVERY == 0:
+            on_progress(lineno, len(lines))
         if not raw.strip():
             continue
         try:
@@ -72,6 +84,8 @@ def read_job_file(path: str, defaults: Mapping[str, Any] | None = None, *, actio
                 "job_id (the idempotency key); give one of them its own job_id"
             )
             bad_lines.add(lineno)
+    if on_progress is not None:
+        on_progress(len(lines), len(lines))
     if problems:
         shown = problems[:MAX_PROBLEMS_SHOWN]
         if len(problems) > len(shown):

@@ -10,7 +10,6 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from omni_engine.lora.fuse_mode import FuseMode
 from omni_engine.models.presets import DEFAULT_MODEL
@@ -135,12 +134,6 @@ def register_worker(subparsers: argparse._SubParsersAction) -> None:
     worker.set_defaults(handler=worker_command)
 
 
-def _progress(total: int) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="job", file=sys.stderr, disable=None)
-
-
 def _settings(args: argparse.Namespace, **extra: object) -> WorkerSettings:
     return WorkerSettings.from_env(
         model=args.model,
@@ -161,6 +154,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     from omni_engine.models.loader import quiet_library_output
     from producer.errors import StorageError
+    from producer.progress import progress_bar
     from worker.embedded import run_jobs
     from worker.settings import build_engine
 
@@ -170,7 +164,7 @@ def run_command(args: argparse.Namespace) -> int:
         raise UsageError(f"some jobs have no output: give --out or set ${ENV_OUTPUT_URI}")
     engine = build_engine(settings)
     try:
-        with _progress(len(jobs)) as bar:
+        with progress_bar(len(jobs), desc="running") as bar:
             summary = run_jobs(jobs, engine=engine, settings=settings, on_done=bar.update)
     except StorageError as e:
         print(f"omni-batch run: {e}", file=sys.stderr)
@@ -184,6 +178,7 @@ def run_command(args: argparse.Namespace) -> int:
 def demo_command(args: argparse.Namespace) -> int:
     """Run the demo and print what grouping saved."""
     from omni_engine.models.loader import quiet_library_output
+    from producer.progress import progress_bar
     from worker.demo import DEMO_ADAPTERS, demo_jobs, run_demo
 
     quiet_library_output()
@@ -192,7 +187,7 @@ def demo_command(args: argparse.Namespace) -> int:
         f"omni-batch demo: {len(demo_jobs())} jobs over {len(DEMO_ADAPTERS)} adapters and the base model, "
         f"{DEFAULT_MODEL}, into {out}/"
     )
-    with _progress(len(demo_jobs())) as bar:
+    with progress_bar(len(demo_jobs()), desc="demo") as bar:
         summary, fifo = run_demo(out, on_done=bar.update)
     print("\n".join(summary.lines()))
     if summary.images:
