@@ -3,7 +3,8 @@
 Defined once, here; each fact is recorded by the code that knows it: an engine call's adapter
 source and timings by `worker.execute.generate_group`, storage retries by `store_with_retry`,
 a job settled (done, failed, skipped, requeued) by the consumer that acks it. The embedded
-runner records into the same metrics but serves none. Names follow Prometheus' conventions:
+runner shares `generate_group` and `store`, so it records those too, but serves nothing; its
+`RunSummary` counts its jobs. Names follow Prometheus' conventions:
 an `omni_` prefix, base units (`_seconds`), `_total` on counters. No label carries a job id, an
 adapter name or anything else unbounded or private: only an error type or an adapter source.
 """
