@@ -79,9 +79,19 @@ def _metadata(value: dict[str, Any]) -> dict[str, Any]:
     return json.loads(encoded)
 
 
-Name = Annotated[str, Field(min_length=1, max_length=d.MAX_NAME_LENGTH), AfterValidator(_name)]
+# The patterns only document the characters in the JSON schema (the HTTP API's OpenAPI document);
+# the validators enforce the whole rule with a readable reason.
+Name = Annotated[
+    str,
+    Field(min_length=1, max_length=d.MAX_NAME_LENGTH, json_schema_extra={"pattern": "^[A-Za-z0-9._-]+$"}),
+    AfterValidator(_name),
+]
 JobId = Annotated[Name, AfterValidator(_job_id)]
-AdapterName = Annotated[str, Field(min_length=1, max_length=d.MAX_ADAPTER_LENGTH), AfterValidator(_adapter)]
+AdapterName = Annotated[
+    str,
+    Field(min_length=1, max_length=d.MAX_ADAPTER_LENGTH, json_schema_extra={"pattern": "^[A-Za-z0-9._/-]+$"}),
+    AfterValidator(_adapter),
+]
 Size = Annotated[int, Field(ge=d.SIZE_MULTIPLE, le=d.MAX_SIZE, multiple_of=d.SIZE_MULTIPLE)]
 
 

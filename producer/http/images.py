@@ -34,7 +34,7 @@ from producer.schema import Job, validate_job
 router = APIRouter(tags=["images"])
 
 MAX_IMAGES = 10  # OpenAI's own bound on `n`
-_SIZE_RE = re.compile(r"(\d{1,5})x(\d{1,5})")
+_SIZE_PATTERN = r"^(auto|\d{1,5}x\d{1,5})$"
 _PREFER_WAIT_RE = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 # Storage is polled from this interval up to the next, growing by half each time.
 _POLL_FIRST_S = 0.05
@@ -62,7 +62,7 @@ _REQUEST_FIELDS = {
 class LoraSpec(BaseModel):
     """vLLM-Omni's per-request LoRA: the adapter's directory on the server, and its scale."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str | None = Field(None, description="a label; the adapter is named by its path")
     local_path: str | None = Field(
@@ -78,12 +78,14 @@ class LoraSpec(BaseModel):
 class ImageGenerationRequest(BaseModel):
     """OpenAI's images request, plus vLLM-Omni's extensions (seed, steps, guidance, lora)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, max_length=d.MAX_PROMPT_LENGTH)
     model: str | None = Field(None, description="accepted for compatibility: the workers' model answers")
     n: int = Field(1, ge=1, le=MAX_IMAGES)
-    size: str | None = Field(None, description="`WIDTHxHEIGHT` (multiples of 8) or `auto` (the model's)")
+    size: str | None = Field(
+        None, pattern=_SIZE_PATTERN, description="`WIDTHxHEIGHT` (multiples of 8) or `auto` (the model's)"
+    )
     response_format: Literal["b64_json", "url"] = "b64_json"
     user: str | None = Field(None, description="accepted and unused")
     negative_prompt: str | None = Field(None, min_length=1, max_length=d.MAX_PROMPT_LENGTH)
@@ -143,10 +145,8 @@ def adapter_name(lora: LoraSpec, roots: tuple[str, ...]) -> str:
 def _size(size: str | None) -> dict[str, int]:
     if size in (None, "auto"):
         return {}
-    match = _SIZE_RE.fullmatch(size)
-    if match is None:
-        raise ApiError(422, f"size = {size!r}: use WIDTHxHEIGHT, e.g. 512x512, or auto", param="size")
-    return {"width": int(match.group(1)), "height": int(match.group(2))}
+    width, _, height = size.partition("x")  # the request's pattern has checked the form
+    return {"width": int(width), "height": int(height)}
 
 
 def _request_field(problem: str) -> str:
@@ -242,7 +242,7 @@ def _image(request: Request, state: ServerState, job: Job, response_format: str)
     response_model_exclude_none=True,
     responses={
         202: {"model": ImagesResponse, "description": "Not ready within the wait: the jobs' status URLs"},
-        **responses(401, 413, 422, 500, 502, 503),
+        **responses(400, 401, 413, 422, 500, 502, 503),
     },
 )
 async def generate_images(
