@@ -185,8 +185,20 @@ def prefer_wait(prefer: str | None, default: float) -> float:
     return min(float(match.group(1)), MAX_WAIT_S) if match else default
 
 
-def _settle(state: ServerState, jobs: list[Job], outcomes: dict[str, str | None]) -> None:
-    """Fill `outcomes[job_id]` with "done" or the failure reason, for jobs that now have one."""
+def error_records(state: ServerState, jobs: list[Job]) -> dict[str, bytes]:
+    """The error records the jobs have before they are sent: an earlier try's, not this one's."""
+    records = {job.job_id: state.storage.get_bytes(error_key(job.dataset, job.job_id)) for job in jobs}
+    return {job_id: record for job_id, record in records.items() if record is not None}
+
+
+def _settle(
+    state: ServerState, jobs: list[Job], outcomes: dict[str, str | None], earlier: dict[str, bytes]
+) -> None:
+    """Fill `outcomes[job_id]` (None: done; else the failure) for the jobs that now have an outcome.
+
+    A sidecar means done whatever else is there; an error record counts once it is not the one
+    an earlier try left (a failure with the very same record is seen when the wait ends).
+    """
     for job in jobs:
         if job.job_id in outcomes:
             continue
@@ -194,17 +206,19 @@ def _settle(state: ServerState, jobs: list[Job], outcomes: dict[str, str | None]
             outcomes[job.job_id] = None
             continue
         record = state.storage.get_bytes(error_key(job.dataset, job.job_id))
-        if record is not None:
+        if record is not None and record != earlier.get(job.job_id):
             outcomes[job.job_id] = failure_reason(record) or "the error record cannot be read"
 
 
-async def wait_for(state: ServerState, jobs: list[Job], wait_s: float) -> dict[str, str | None]:
+async def wait_for(
+    state: ServerState, jobs: list[Job], wait_s: float, *, earlier: dict[str, bytes]
+) -> dict[str, str | None]:
     """Each settled job's outcome (None: done; else the failure), polling until all or the wait ends."""
     deadline = time.monotonic() + wait_s
     outcomes: dict[str, str | None] = {}
     interval = _POLL_FIRST_S
     while True:
-        await run_in_threadpool(_settle, state, jobs, outcomes)
+        await run_in_threadpool(_settle, state, jobs, outcomes, earlier)
         remaining = deadline - time.monotonic()
         if len(outcomes) == len(jobs) or remaining <= 0:
             return outcomes
@@ -256,9 +270,10 @@ async def generate_images(
 ) -> ImagesResponse:
     state = server(request)
     jobs = build_jobs(body, state)
+    earlier = await run_in_threadpool(error_records, state, jobs)
     await run_in_threadpool(state.client.submit_many, jobs)
     refs = [job_ref(request, job) for job in jobs]
-    outcomes = await wait_for(state, jobs, prefer_wait(prefer, state.config.wait_s))
+    outcomes = await wait_for(state, jobs, prefer_wait(prefer, state.config.wait_s), earlier=earlier)
     for job, ref in zip(jobs, refs, strict=True):
         reason = outcomes.get(job.job_id)
         if reason is not None:

@@ -86,7 +86,7 @@ def test_jobs_posted_with_curl_come_back_done_or_failed_with_their_files(
 
 
 def test_the_openai_client_generates_with_a_lora_and_gets_the_stored_images(
-    redis_url, s3_bucket, six_adapters, start_worker, start_api
+    redis_url, s3_bucket, six_adapters, make_adapter, start_worker, start_api
 ) -> None:
     worker = start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri))
     api = start_api(
@@ -126,10 +126,14 @@ def test_the_openai_client_generates_with_a_lora_and_gets_the_stored_images(
         client.images.generate(prompt="x", extra_body={"lora": {"local_path": "/etc/secrets"}})
     assert "lora.local_path = '/etc/secrets' is not under the adapter roots" in str(refused.value)
 
-    # An adapter the worker cannot find fails the request with the worker's reason.
+    # An adapter the worker cannot find fails the request with the worker's reason; once the
+    # adapter is there, the same request (the same jobs) succeeds: the old record is not the answer.
+    late = {"prompt": "x", "size": "32x32", "extra_body": {"seed": 3, "lora": {"local_path": "late-style"}}}
     with pytest.raises(openai.UnprocessableEntityError) as failed:
-        client.images.generate(prompt="x", size="32x32", extra_body={"lora": {"local_path": "missing-style"}})
-    assert "AdapterNotFoundError" in str(failed.value) and "missing-style" in str(failed.value)
+        client.images.generate(**late)
+    assert "AdapterNotFoundError" in str(failed.value) and "late-style" in str(failed.value)
+    make_adapter("late-style")
+    assert len(client.images.generate(**late).data) == 1
 
     # Asked not to wait: 202 with the job's status URL, which later says done.
     status, body = curl(
