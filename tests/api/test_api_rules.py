@@ -4,6 +4,8 @@ for, the settings the server refuses to run with."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,15 @@ def test_the_server_refuses_short_tokens_without_echoing_them_and_public_address
         with pytest.raises(SettingsError, match="no API token"):
             check_bind(host, open_server)
     check_bind("0.0.0.0", ApiConfig(broker_url="redis://h/0", output_uri="/out", tokens=("x" * 32,)))
+
+
+def test_serve_without_the_api_extra_says_what_to_install(tmp_path: Path) -> None:
+    # The plain install has no FastAPI: make `import fastapi` fail, as it would there.
+    code = (
+        "import sys; sys.modules['fastapi'] = None\n"
+        "from producer.cli import main\n"
+        f"sys.exit(main(['serve', '--out', {str(tmp_path)!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "needs the api extra (fastapi is missing): pip install 'omni-batch[api]'" in done.stderr
