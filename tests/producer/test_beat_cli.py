@@ -9,20 +9,17 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import redis
+from fixtures.beat_process import OMNI_BATCH, BeatProcess, beat_flags
 from fixtures.redis_server import queued_messages
 
 from producer import settings
 
-OMNI_BATCH = Path(sys.executable).with_name("omni-batch")
-START_TIMEOUT_S = 60.0
 RUN_TIMEOUT_S = 60.0
 POLL_S = 0.1
 
@@ -48,55 +45,6 @@ def schedule_file(tmp_path: Path) -> Path:
     return path
 
 
-class BeatProcess:
-    """`omni-batch beat` as an operator starts it; its output is collected as it runs."""
-
-    def __init__(self, *args: str) -> None:
-        self.lines: list[str] = []
-        self.started = threading.Event()
-        self.proc = subprocess.Popen(
-            [str(OMNI_BATCH), "beat", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-        assert self.started.wait(START_TIMEOUT_S), "beat did not start:\n" + self.log
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if "beat: Starting..." in line:
-                self.started.set()
-        self.started.set()
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def sent(self) -> list[str]:
-        """The runs this beat sent, from its log."""
-        return [line.split("sent run ")[1].split(":")[0] for line in self.lines if "sent run " in line]
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(30)
-
-
-@pytest.fixture
-def start_beat():
-    beats: list[BeatProcess] = []
-
-    def start(*args: str) -> BeatProcess:
-        beats.append(BeatProcess(*args))
-        return beats[-1]
-
-    yield start
-    for beat in beats:
-        beat.stop(signal.SIGKILL)
-
-
 def queued(redis_url: str) -> Counter:
     """Jobs queued per dataset; fails if any job id was sent twice."""
     messages = queued_messages(redis.Redis.from_url(redis_url), "omni")
@@ -117,13 +65,9 @@ def wait_for_runs(redis_url: str, count: int, *beats: BeatProcess) -> Counter:
     return runs
 
 
-def beat_args(schedule_file: Path, redis_url: str) -> list[str]:
-    return ["--schedule", str(schedule_file), "--broker", redis_url, "--max-interval", "1"]
-
-
 def test_two_beats_at_once_send_each_run_once(start_beat, schedule_file: Path, redis_url: str) -> None:
-    first = start_beat(*beat_args(schedule_file, redis_url))
-    second = start_beat(*beat_args(schedule_file, redis_url))
+    first = start_beat(*beat_flags(schedule_file, redis_url))
+    second = start_beat(*beat_flags(schedule_file, redis_url))
     runs = wait_for_runs(redis_url, 3, first, second)
     assert first.stop() == 0 and second.stop() == 0
 
@@ -138,12 +82,12 @@ def test_two_beats_at_once_send_each_run_once(start_beat, schedule_file: Path, r
 def test_a_beat_killed_is_replaced_without_sending_its_runs_again(
     start_beat, schedule_file: Path, redis_url: str
 ) -> None:
-    first = start_beat(*beat_args(schedule_file, redis_url))
+    first = start_beat(*beat_flags(schedule_file, redis_url))
     wait_for_runs(redis_url, 1, first)
     first.stop(signal.SIGKILL)  # no clean shutdown: its lock lapses after 5 x max-interval
     before = queued(redis_url)
 
-    second = start_beat(*beat_args(schedule_file, redis_url))
+    second = start_beat(*beat_flags(schedule_file, redis_url))
     runs = wait_for_runs(redis_url, len(before) + 1, second)
     assert second.stop() == 0
     assert all(n == 2 for n in queued(redis_url).values())
@@ -168,7 +112,7 @@ def test_schedule_list_shows_the_next_and_the_last_run(
     )
     assert row["trigger"] == {"every": "2s"} and row["next_dataset"].startswith("heartbeat-")
 
-    beat = start_beat(*beat_args(schedule_file, redis_url))
+    beat = start_beat(*beat_flags(schedule_file, redis_url))
     wait_for_runs(redis_url, 1, beat)
     during = json.loads(
         subprocess.run([*listing, "--json"], capture_output=True, text=True, check=True).stdout
