@@ -212,3 +212,11 @@ def test_a_bad_file_is_refused_saying_why(files: Path, text: str, reason: str) -
 def test_an_unreadable_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ScheduleFileError, match=r"cannot read the schedules file .*missing\.yaml"):
         load_schedules(tmp_path / "missing.yaml")
+
+
+def test_the_example_schedules_file_loads() -> None:
+    example = Path(__file__).parents[2] / "examples" / "schedules.yaml"
+    nightly, probe = load_schedules(example)
+    assert nightly.trigger == CronTrigger("0 2 * * *", "Europe/Paris") and len(nightly.templates) == 5
+    assert probe.trigger == EveryTrigger(15 * 60) and len(probe.templates) == 2
+    assert nightly.dataset(datetime(2026, 11, 30, 1, tzinfo=UTC)) == "nightly-examples-20261130T0100Z"
