@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.schedules import BaseSchedule, schedstate
 from redbeat.decoder import RedBeatJSONDecoder, RedBeatJSONEncoder
@@ -129,6 +130,15 @@ class DatasetScheduler(RedBeatScheduler):
         if self._client is None:
             self._client = Client(self.app.conf.broker_url)
         return self._client
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        # Redis down is waited out, tick after tick: nobody else can take the lock meanwhile, and one
+        # that expired during a long outage is refused at the first tick after it (beat then exits).
+        try:
+            return super().tick(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            log.warning("Redis is unavailable (%s); trying again in %g s", e, self.max_interval)
+            return self.max_interval
 
     def apply_async(
         self, entry: DatasetEntry, producer: Any = None, advance: bool = True, **kwargs: Any

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from producer.schedule_file import Schedule
 
 DEFAULT_MAX_INTERVAL_S = 5.0
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 _CONNECT_TIMEOUT_S = 5
 
@@ -177,7 +178,13 @@ def register_beat(subparsers: argparse._SubParsersAction) -> None:
         help="seconds between two looks at the schedule; a beat that dies holds the lock "
         f"5 x this long (default: {DEFAULT_MAX_INTERVAL_S:g})",
     )
-    parser.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING... (default: INFO)")
+    parser.add_argument(
+        "--loglevel",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        help="what beat logs: " + ", ".join(LOG_LEVELS) + " (default: INFO)",
+    )
     parser.set_defaults(handler=_beat)
 
 

@@ -165,3 +165,19 @@ def test_a_broker_that_is_not_redis_is_refused(schedule_file: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "beat keeps its schedule state in Redis" in result.stderr
+
+
+def test_a_beat_waits_out_a_redis_outage(start_beat, schedule_file: Path, redis_server_factory) -> None:
+    server = redis_server_factory(persistent=True)  # as docker-compose runs it: an append-only file
+    beat = start_beat(*beat_flags(schedule_file, server.url))
+    before = wait_for_runs(server.url, 1, beat)
+    server.stop()
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while "Redis is unavailable" not in beat.log:
+        assert beat.proc.poll() is None, f"beat exited ({beat.proc.returncode}):\n{beat.log}"
+        assert time.monotonic() < deadline, beat.log
+        time.sleep(POLL_S)  # until beat has met the outage
+    server.start()
+    runs = wait_for_runs(server.url, len(before) + 2, beat)
+    assert beat.stop() == 0
+    assert all(n == 2 for n in runs.values())
