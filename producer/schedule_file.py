@@ -17,7 +17,7 @@ schedules:
 
 A run's jobs are its templates (the job file's lines or the `jobs` list) with the run's dataset
 set, so their derived ids differ from run to run and repeat exactly when one run is sent twice. A
-template may not name a `dataset`. Every problem in the file is reported at once, each with the
+template may not set `dataset` or `job_id`. Every problem in the file is reported at once, each with the
 file's line and the schedule it belongs to; the job files are read once, when the file is loaded.
 """
 
@@ -223,6 +223,9 @@ class _Entry:
         jobs = self._file_jobs(with_dataset) if has_file else self._inline_jobs(with_dataset)
         for dataset in sorted({job.dataset for job in jobs} - {sample}):
             self.problem(f"a job sets dataset {dataset!r}: each run's dataset is named by the schedule", key)
+        for job_id in sorted(job.job_id for job in jobs if "job_id" in job.model_fields_set):
+            # One id in every run would make a worker settle one run's job with another's.
+            self.problem(f"a job sets job_id {job_id!r}: a scheduled job's id is derived in each run", key)
         self._check_adapters(jobs, key)
         # The fields given (not the derived job_id and seed), less the dataset each run sets.
         return [

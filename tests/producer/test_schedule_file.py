@@ -202,6 +202,7 @@ def test_a_missing_adapter_root_is_refused(files: Path) -> None:
             "must be 1..128 characters",
         ),
         ("schedules: [{every: 5s, jobs: [{prompt: x}], output: /o}]\n", "schedule #1: 'name' is required"),
+        ("schedules: [{name: a, every: 5s, jobs: [{prompt: x, job_id: j}], output: /o}]\n", "sets job_id"),
     ],
 )
 def test_a_bad_file_is_refused_saying_why(files: Path, text: str, reason: str) -> None:

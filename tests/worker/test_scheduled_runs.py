@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
 
 import redis
-from fixtures.beat_process import beat_flags
+from fixtures.beat_process import OMNI_BATCH, beat_flags
 from fixtures.worker_process import wait_settled, worker_flags
 
 from producer import layout
@@ -25,14 +26,13 @@ def test_each_run_of_a_schedule_becomes_its_own_dataset_of_images(
 ) -> None:
     out = tmp_path / "out"
     schedule_file = tmp_path / "schedules.yaml"
+    job_file = tmp_path / "styles.jsonl"
+    job_file.write_text(
+        '{"prompt": "a red fox", "adapter": "style-0", "steps": 2, "width": 32, "height": 32}\n'
+        '{"prompt": "a blue bird", "adapter": "style-1", "steps": 2, "width": 32, "height": 32}\n'
+    )
     schedule_file.write_text(
-        "schedules:\n"
-        "  - name: styles\n"
-        "    every: 3s\n"
-        "    jobs:\n"
-        "      - {prompt: a red fox, adapter: style-0, steps: 2, width: 32, height: 32}\n"
-        "      - {prompt: a blue bird, adapter: style-1, steps: 2, width: 32, height: 32}\n"
-        f"    output: {out}\n"
+        f"schedules:\n  - name: styles\n    every: 3s\n    job_file: styles.jsonl\n    output: {out}\n"
     )
     (schedule,) = load_schedules(schedule_file, adapter_roots=[str(six_adapters)])
     worker = start_worker(*worker_flags(redis_url, six_adapters, str(out)))
@@ -58,4 +58,11 @@ def test_each_run_of_a_schedule_becomes_its_own_dataset_of_images(
             assert storage.get_bytes(layout.image_key(dataset, job.job_id)).startswith(b"\x89PNG")
             sidecar = json.loads(storage.get_bytes(layout.sidecar_key(dataset, job.job_id)))
             assert (sidecar["job"]["dataset"], sidecar["adapter"]) == (dataset, job.adapter)
+        # `status` finds a run's jobs from the job file, given the run's dataset and the schedule's output.
+        status_command = [str(OMNI_BATCH), "status", "--dataset", dataset, "--jobs", str(job_file)]
+        status_command += ["--output", str(out), "--out", str(out), "--json"]
+        counted = json.loads(
+            subprocess.run(status_command, capture_output=True, text=True, check=True).stdout
+        )
+        assert (counted["done"], counted["pending"]) == (2, 0), counted
     assert beat.stop() == 0
