@@ -40,6 +40,10 @@ _TRIGGER_TYPE = "omni-trigger"
 LOCK_INTERVALS = 5
 
 
+class _ClaimLapsed(RuntimeError):
+    """The run's claim was taken over while it was being sent (this beat stalled past its lease)."""
+
+
 class DatasetSchedule(BaseSchedule):
     """A trigger as Celery sees a schedule. Due when a scheduled time has passed since the last run's."""
 
@@ -171,13 +175,13 @@ class DatasetScheduler(RedBeatScheduler):
         def still_ours(_: int) -> None:
             # Each chunk the broker takes renews the run's claim and beat's own lock.
             if not self.ledger.renew(record):
-                raise RuntimeError(f"the claim on run {record.dataset} lapsed while it was being sent")
+                raise _ClaimLapsed(f"the claim on run {record.dataset} lapsed while it was being sent")
             if self.lock is not None:
                 self.lock.extend(int(self.lock_timeout))
 
         try:
             self.client.submit_many(jobs, progress=still_ours)
-        except (BrokerUnavailableError, RuntimeError):
+        except (BrokerUnavailableError, _ClaimLapsed):
             self.ledger.release(record)
             raise
         period = (schedule.trigger.next_after(scheduled_at) - scheduled_at).total_seconds()

@@ -109,6 +109,7 @@ def schedule_rows(schedules: list[Schedule], client: redis.Redis, now: datetime)
                 "jobs": len(schedule.templates),
                 "job_source": schedule.job_source,
                 "output": schedule.output,
+                "priority": schedule.priority,
                 "next_run": _iso(next_at),
                 "next_dataset": schedule.dataset(next_at),
                 "last_run": None

@@ -54,7 +54,6 @@ class Schedule:
     output: str
     priority: int | None
     job_source: str  # the job file as written, or "inline"
-    line: int
 
     def dataset(self, scheduled_at: datetime) -> str:
         """The schedule's name and the run's scheduled time, e.g. `nightly-20261129T0100Z`."""
@@ -165,7 +164,6 @@ class _Entry:
             output=defaults["output"],  # required: a missing or bad output is a problem above
             priority=defaults.get("priority"),
             job_source=self.raw.get("job_file", "inline"),
-            line=self.raw.line,
         )
 
     def _trigger(self) -> Trigger | None:
