@@ -23,6 +23,7 @@ from celery import Celery
 from celery.schedules import BaseSchedule, schedstate
 from redbeat.decoder import RedBeatJSONDecoder, RedBeatJSONEncoder
 from redbeat.schedulers import RedBeatScheduler, RedBeatSchedulerEntry, get_redis
+from redis.exceptions import LockError
 
 from producer import defaults as d
 from producer.client import Client, celery_config
@@ -136,13 +137,28 @@ class DatasetScheduler(RedBeatScheduler):
         return self._client
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
-        # Redis down is waited out, tick after tick: nobody else can take the lock meanwhile, and one
-        # that expired during a long outage is refused at the first tick after it (beat then exits).
         try:
             return super().tick(*args, **kwargs)
+        except LockError:
+            return self._lock_again()
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            # Redis down is waited out, tick after tick: nobody else can take the lock meanwhile.
+            log.warning("Redis is unavailable (%s); trying again in %g s", e, self.max_interval)
+            return self.max_interval
+
+    def _lock_again(self) -> float:
+        """The lock lapsed (Redis was away past its timeout, or came back empty): another beat may
+        hold it now. Wait for it as a standby beat does, then put the schedule back in Redis."""
+        log.warning("beat lost its lock; waiting for it, as a standby beat does")
+        try:
+            self.lock.acquire()
+            # An empty Redis has lost the schedule too: register it again (kept where it survived).
+            self.setup_schedule()
         except (redis.ConnectionError, redis.TimeoutError) as e:
             log.warning("Redis is unavailable (%s); trying again in %g s", e, self.max_interval)
             return self.max_interval
+        log.info("beat: Acquired lock again")
+        return 0.0
 
     def apply_async(
         self, entry: DatasetEntry, producer: Any = None, advance: bool = True, **kwargs: Any

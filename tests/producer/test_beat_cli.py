@@ -181,3 +181,16 @@ def test_a_beat_waits_out_a_redis_outage(start_beat, schedule_file: Path, redis_
     runs = wait_for_runs(server.url, len(before) + 2, beat)
     assert beat.stop() == 0
     assert all(n == 2 for n in runs.values())
+
+
+def test_a_beat_carries_on_after_redis_comes_back_empty(
+    start_beat, schedule_file: Path, redis_server_factory
+) -> None:
+    server = redis_server_factory()  # no persistence: a restart loses the lock and the schedule
+    beat = start_beat(*beat_flags(schedule_file, server.url))
+    wait_for_runs(server.url, 1, beat)
+    server.restart()
+    runs = wait_for_runs(server.url, 2, beat)  # counted afresh: the queue went with the restart
+    assert beat.stop() == 0
+    assert all(n == 2 for n in runs.values())
+    assert "beat lost its lock" in beat.log
