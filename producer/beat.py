@@ -16,13 +16,19 @@ import json
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import redis
 from celery import Celery
 from celery.schedules import BaseSchedule, schedstate
 from redbeat.decoder import RedBeatJSONDecoder, RedBeatJSONEncoder
-from redbeat.schedulers import RedBeatScheduler, RedBeatSchedulerEntry, get_redis
+from redbeat.schedulers import (
+    RedBeatScheduler,
+    RedBeatSchedulerEntry,
+    acquire_distributed_beat_lock,
+    get_redis,
+)
 from redis.exceptions import LockError
 
 from producer import defaults as d
@@ -137,6 +143,8 @@ class DatasetScheduler(RedBeatScheduler):
         return self._client
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
+        if self.lock is None and self.lock_key:
+            return self._lock_again()
         try:
             return super().tick(*args, **kwargs)
         except LockError:
@@ -147,11 +155,15 @@ class DatasetScheduler(RedBeatScheduler):
             return self.max_interval
 
     def _lock_again(self) -> float:
-        """The lock lapsed (Redis was away past its timeout, or came back empty): another beat may
-        hold it now. Wait for it as a standby beat does, then put the schedule back in Redis."""
-        log.warning("beat lost its lock; waiting for it, as a standby beat does")
+        """The lock lapsed (Redis was away past its timeout, or came back empty), or was never taken
+        (no Redis while this beat started): another beat may hold it now. Wait for it as a standby
+        beat does, then put the schedule back in Redis."""
+        log.warning("beat lost its lock (or never got it); waiting for it, as a standby beat does")
         try:
-            self.lock.acquire()
+            if self.lock is None:  # RedBeat's first try, at start, met no Redis (and Celery logged it)
+                acquire_distributed_beat_lock(sender=SimpleNamespace(scheduler=self))
+            else:
+                self.lock.acquire()
             # An empty Redis has lost the schedule too: register it again (kept where it survived).
             self.setup_schedule()
         except (redis.ConnectionError, redis.TimeoutError) as e:

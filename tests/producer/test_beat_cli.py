@@ -194,3 +194,23 @@ def test_a_beat_carries_on_after_redis_comes_back_empty(
     assert beat.stop() == 0
     assert all(n == 2 for n in runs.values())
     assert "beat lost its lock" in beat.log
+
+
+def test_two_beats_carry_on_after_a_redis_outage_without_sending_a_run_twice(
+    start_beat, schedule_file: Path, redis_server_factory
+) -> None:
+    server = redis_server_factory(persistent=True)
+    first = start_beat(*beat_flags(schedule_file, server.url))
+    before = wait_for_runs(server.url, 1, first)
+    second = start_beat(*beat_flags(schedule_file, server.url))
+    server.stop()
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not all("Redis is unavailable" in beat.log for beat in (first, second)):
+        for beat in (first, second):
+            assert beat.proc.poll() is None, f"beat exited ({beat.proc.returncode}):\n{beat.log}"
+        assert time.monotonic() < deadline, first.log + second.log
+        time.sleep(POLL_S)  # until both beats have met the outage
+    server.start()
+    runs = wait_for_runs(server.url, len(before) + 3, first, second)
+    assert first.stop() == 0 and second.stop() == 0
+    assert all(n == 2 for n in runs.values())
