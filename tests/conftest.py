@@ -6,4 +6,5 @@ pytest_plugins = [
     "fixtures.engine",
     "fixtures.worker_process",
     "fixtures.api_server",
+    "fixtures.beat_process",
 ]
