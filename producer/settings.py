@@ -43,6 +43,7 @@ _SWITCH = {
     "no": False,
     "off": False,
 }
+ENV_API_TOKENS = "OMNI_API_TOKENS"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +67,7 @@ class Environment:
     metrics_port: int | None = None
     summary_interval_s: int | None = None
     task_events: bool = True
+    api_tokens: tuple[str, ...] = ()
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
@@ -97,6 +99,7 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         return _SWITCH[raw.lower()]
 
     roots = text(ENV_ADAPTER_ROOTS) or ""
+    tokens = text(ENV_API_TOKENS) or ""
     return Environment(
         broker_url=text(ENV_BROKER_URL) or DEFAULT_BROKER_URL,
         result_backend=text(ENV_RESULT_BACKEND),
@@ -115,4 +118,5 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         metrics_port=integer(ENV_METRICS_PORT),
         summary_interval_s=integer(ENV_SUMMARY_INTERVAL),
         task_events=switch(ENV_TASK_EVENTS, True),
+        api_tokens=tuple(token.strip() for token in tokens.split(",") if token.strip()),
     )
