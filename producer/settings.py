@@ -30,6 +30,7 @@ ENV_MAX_ATTEMPTS = "OMNI_MAX_ATTEMPTS"
 ENV_MAX_BATCH = "OMNI_MAX_BATCH"
 ENV_CACHE_DIR = "OMNI_CACHE_DIR"
 ENV_FUSE = "OMNI_FUSE"
+ENV_COMPILE = "OMNI_COMPILE"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +51,7 @@ class Environment:
     max_batch: int | None = None
     cache_dir: str | None = None
     fuse: str | None = None
+    compile: str | None = None
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
@@ -88,4 +90,5 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         max_batch=integer(ENV_MAX_BATCH),
         cache_dir=text(ENV_CACHE_DIR),
         fuse=text(ENV_FUSE),
+        compile=text(ENV_COMPILE),
     )

@@ -14,7 +14,7 @@ from omni_engine.lora.fuse_mode import FuseMode
 from omni_engine.models.presets import DEFAULT_MODEL
 from producer.defaults import DEFAULT_BROKER_URL
 from producer.errors import SettingsError
-from producer.settings import ENV_FUSE, read_environment
+from producer.settings import ENV_COMPILE, ENV_FUSE, read_environment
 from worker.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S, SchedulerPolicy
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ class WorkerSettings:
     store_backoff_s: float = DEFAULT_STORE_BACKOFF_S
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     fuse: FuseMode = FuseMode.AUTO
+    compile: str | None = None  # a torch.compile backend; None: not compiled
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -64,6 +65,13 @@ class WorkerSettings:
             raise SettingsError(
                 f"fuse (${ENV_FUSE}, --fuse) must be one of {modes}, got {self.fuse!r}"
             ) from None
+        if self.compile is not None:
+            from omni_engine.engine import check_compile_backend
+
+            try:
+                check_compile_backend(self.compile)
+            except ValueError as e:
+                raise SettingsError(f"${ENV_COMPILE}, --compile: {e}") from None
 
     @classmethod
     def from_env(cls, **overrides: object) -> WorkerSettings:
@@ -83,6 +91,7 @@ class WorkerSettings:
             "max_attempts": env.max_attempts,
             "max_batch": env.max_batch,
             "fuse": env.fuse,
+            "compile": env.compile,
         }
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**{name: value for name, value in values.items() if value is not None})
@@ -103,4 +112,5 @@ def build_engine(settings: WorkerSettings) -> Omni:
         max_cpu_loras=settings.max_cpu_loras,
         adapter_roots=list(settings.adapter_roots),
         fuse=settings.fuse,
+        compile=settings.compile,
     )
