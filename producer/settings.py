@@ -44,6 +44,7 @@ _SWITCH = {
     "off": False,
 }
 ENV_API_TOKENS = "OMNI_API_TOKENS"
+ENV_COMPILE = "OMNI_COMPILE"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +69,7 @@ class Environment:
     summary_interval_s: int | None = None
     task_events: bool = True
     api_tokens: tuple[str, ...] = ()
+    compile: str | None = None
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
@@ -119,4 +121,5 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         summary_interval_s=integer(ENV_SUMMARY_INTERVAL),
         task_events=switch(ENV_TASK_EVENTS, True),
         api_tokens=tuple(token.strip() for token in tokens.split(",") if token.strip()),
+        compile=text(ENV_COMPILE),
     )

@@ -19,6 +19,7 @@ from producer.errors import UsageError
 from producer.settings import (
     ENV_ADAPTER_ROOTS,
     ENV_BROKER_URL,
+    ENV_COMPILE,
     ENV_FUSE,
     ENV_MAX_BATCH,
     ENV_MAX_CPU_LORAS,
@@ -74,6 +75,14 @@ def _add_engine_flags(parser: argparse.ArgumentParser, *, out_help: str) -> None
         choices=[mode.value for mode in FuseMode],
         help="merge a call's adapter into the weights: auto (calls with enough images x steps), "
         f"always or never (default: ${ENV_FUSE} or {FuseMode.AUTO.value})",
+    )
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        metavar="BACKEND",
+        help="compile the denoiser once with torch.compile (default backend: inductor); switching "
+        f"adapters never recompiles it (default: ${ENV_COMPILE}, else not compiled)",
     )
 
 
@@ -144,6 +153,7 @@ def _settings(args: argparse.Namespace, **extra: object) -> WorkerSettings:
         output_uri=args.out,
         max_batch=args.max_batch,
         fuse=args.fuse,
+        compile=args.compile,
         **extra,
     )
 

@@ -14,7 +14,13 @@ from omni_engine.lora.fuse_mode import FuseMode
 from omni_engine.models.presets import DEFAULT_MODEL
 from producer.defaults import DEFAULT_BROKER_URL
 from producer.errors import SettingsError
-from producer.settings import ENV_FUSE, ENV_METRICS_PORT, ENV_SUMMARY_INTERVAL, read_environment
+from producer.settings import (
+    ENV_COMPILE,
+    ENV_FUSE,
+    ENV_METRICS_PORT,
+    ENV_SUMMARY_INTERVAL,
+    read_environment,
+)
 from worker.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S, SchedulerPolicy
 
 if TYPE_CHECKING:
@@ -62,6 +68,7 @@ class WorkerSettings:
     metrics_port: int = DEFAULT_METRICS_PORT
     summary_interval_s: float = DEFAULT_SUMMARY_INTERVAL_S
     task_events: bool = True
+    compile: str | None = None  # a torch.compile backend; None: not compiled
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -83,6 +90,13 @@ class WorkerSettings:
             raise SettingsError(
                 f"fuse (${ENV_FUSE}, --fuse) must be one of {modes}, got {self.fuse!r}"
             ) from None
+        if self.compile is not None:
+            from omni_engine.engine import check_compile_backend
+
+            try:
+                check_compile_backend(self.compile)
+            except ValueError as e:
+                raise SettingsError(f"${ENV_COMPILE}, --compile: {e}") from None
 
     @classmethod
     def from_env(cls, **overrides: object) -> WorkerSettings:
@@ -105,6 +119,7 @@ class WorkerSettings:
             "metrics_port": env.metrics_port,
             "summary_interval_s": env.summary_interval_s,
             "task_events": env.task_events,
+            "compile": env.compile,
         }
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**{name: value for name, value in values.items() if value is not None})
@@ -125,4 +140,5 @@ def build_engine(settings: WorkerSettings) -> Omni:
         max_cpu_loras=settings.max_cpu_loras,
         adapter_roots=list(settings.adapter_roots),
         fuse=settings.fuse,
+        compile=settings.compile,
     )

@@ -28,6 +28,7 @@ def test_every_variable_is_read_and_typed() -> None:
             settings.ENV_MAX_LORAS: "2",
             settings.ENV_WINDOW: "8",
             settings.ENV_CACHE_DIR: "/cache",
+            settings.ENV_COMPILE: "inductor",
         }
     )
     assert env.broker_url == "redis://h:1/0"
@@ -35,6 +36,7 @@ def test_every_variable_is_read_and_typed() -> None:
     assert env.adapter_roots == ("/a", "/b")
     assert (env.max_loras, env.window, env.max_batch) == (2, 8, None)
     assert env.cache_dir == "/cache"
+    assert env.compile == "inductor"
 
 
 def test_a_malformed_number_names_the_variable_and_is_bad_usage() -> None:
