@@ -36,6 +36,7 @@ from producer.client import Client, celery_config
 from producer.errors import BrokerUnavailableError
 from producer.run_ledger import RunLedger, RunRecord, RunState
 from producer.schedule_file import Schedule
+from producer.settings import read_environment
 from producer.triggers import Trigger, trigger_from_dict
 
 log = logging.getLogger(__name__)
@@ -225,7 +226,7 @@ class DatasetScheduler(RedBeatScheduler):
 def make_beat_app(schedules: Sequence[Schedule], *, broker_url: str, max_interval: float) -> Celery:
     """The Celery app `omni-batch beat` runs: the producer's wire settings, RedBeat in the broker's Redis."""
     app = Celery("omni-beat")
-    app.conf.update(celery_config(broker_url))
+    app.conf.update(celery_config(broker_url, task_events=read_environment().task_events))
     app.conf.update(
         beat_scheduler=f"{__name__}:DatasetScheduler",
         beat_schedule={
