@@ -11,6 +11,10 @@ end to end: docs/architecture.md), so waits mean something: a job's wait runs fr
 the start of its pipeline call, any load included. The minimum number of cold loads for a workload is
 the number of distinct adapters in it. FIFO runs one job at a time in arrival order, so its figures do
 not depend on the window. Prints a Markdown table.
+
+A second table is a whole dataset queued at once (every job enqueued at time 0), as `omni-batch submit`
+sends a file: in the file's order, and in the order `Client.submit_many` publishes it
+(`producer.client.grouped_order`: each adapter's jobs of one batch key together).
 """
 
 import argparse
@@ -24,6 +28,8 @@ from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate
 
+from producer.client import grouped_order
+from producer.schema import Job
 from worker.scheduler import DEFAULT_MAX_WAIT_S, Pending, SchedulerPolicy, next_fifo, next_group
 
 # Simulated costs, in seconds.
@@ -134,6 +140,19 @@ def make_arrivals(popularity: str, adapters: int, jobs: int) -> list[Arrival]:
     return arrivals
 
 
+def queued_at_once(arrivals: Sequence[Arrival], *, grouped: bool) -> list[Arrival]:
+    """The same jobs all enqueued at time 0, in their own order or in the order the client publishes."""
+    if grouped:
+        by_id = {job.job_id: job for job in arrivals}
+        jobs = [
+            Job(job_id=a.job_id, prompt="p", adapter=a.adapter, width=w, height=h, steps=s, guidance_scale=g)
+            for a in arrivals
+            for w, h, s, g, _ in [a.batch_key]
+        ]
+        arrivals = [by_id[job.job_id] for job in grouped_order(jobs)]
+    return [Arrival(a.job_id, a.adapter, a.batch_key, 0.0) for a in arrivals]
+
+
 def simulate(
     arrivals: Sequence[Arrival], choose: Chooser, *, window: int, resident: int, host: int
 ) -> Result:
@@ -203,6 +222,31 @@ def bench_workload(
     return rows
 
 
+DATASET_HEADER = (
+    "| popularity | adapters | cache R/H | window | jobs | min loads (distinct) | file order: cold loads "
+    "| grouped order: cold loads | grouped order: cold / min |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def bench_dataset(
+    popularity: str, adapters: int, *, jobs: int, window: int, cache: tuple[int, int], policy: SchedulerPolicy
+) -> str:
+    """A whole dataset queued at once, in file order and in the client's grouped order: one row."""
+    arrivals = make_arrivals(popularity, adapters, jobs)
+    distinct = len({job.adapter for job in arrivals})
+    resident, host = cache
+    choose = partial(grouped, policy=policy)
+    cold = [
+        simulate(queued_at_once(arrivals, grouped=g), choose, window=window, resident=resident, host=host)
+        for g in (False, True)
+    ]
+    cold = [result.cold_loads for result in cold]
+    return (
+        f"| {popularity} | {adapters} | {resident}/{host} | {window} | {jobs} | {distinct} "
+        f"| {cold[0]} | {cold[1]} | {cold[1] / distinct:.2f} |"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer jobs and workloads (a smoke run)")
@@ -234,6 +278,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     policy=policy,
                 )
                 print("\n".join(rows), flush=True)
+    print("\nA whole dataset queued at once (window 64):\n")
+    print(DATASET_HEADER)
+    for popularity in ("uniform", "zipf"):
+        for adapters in plan["adapters"]:
+            for cache in plan["caches"]:
+                row = bench_dataset(
+                    popularity, adapters, jobs=plan["jobs"], window=64, cache=cache, policy=policy
+                )
+                print(row, flush=True)
     print(
         f"\nSimulated costs: cold load {COLD_LOAD_S} s, host load {HOST_LOAD_S} s, pipeline call {CALL_S} s "
         f"+ {IMAGE_S} s per image; mean arrival gap {MEAN_GAP_S} s; max_batch={policy.max_batch}, "

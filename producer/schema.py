@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -129,6 +129,10 @@ class Job(BaseModel):
     def wire_dict(self) -> dict[str, Any]:
         """The JSON-safe dict sent as the task's only argument: every field, derived ones filled in."""
         return self.model_dump(mode="json")
+
+    def batch_key(self) -> tuple[Hashable, ...]:
+        """Jobs of one adapter may share a pipeline call only when all of this is equal."""
+        return (self.width, self.height, self.steps, self.guidance_scale, self.scale, self.negative_prompt)
 
 
 def canonical_json(fields: Mapping[str, Any]) -> bytes:

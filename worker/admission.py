@@ -18,7 +18,7 @@ from producer.layout import sidecar_key
 from producer.schema import Job
 from producer.storage import Storage
 from worker.adapters import AdapterResolver
-from worker.execute import Result, WorkItem, batch_key, failure
+from worker.execute import Result, WorkItem, failure
 from worker.scheduler import Pending
 from worker.settings import WorkerSettings
 from worker.storage_cache import StorageCache
@@ -64,7 +64,7 @@ def to_pending(item: WorkItem, *, payload: object) -> Pending:
     return Pending(
         job_id=item.job.job_id,
         adapter=item.request.lora_path if item.request else None,
-        batch_key=batch_key(item.job),
+        batch_key=item.job.batch_key(),
         arrived=time.monotonic(),
         priority=item.job.priority,
         payload=payload,

@@ -15,6 +15,7 @@ from omni_engine.lora.fuse_mode import FuseMode
 from omni_engine.models.presets import DEFAULT_MODEL
 from producer import defaults as d
 from producer.cli import EXIT_FAILURE, EXIT_OK, add_job_default_flags, read_jobs
+from producer.client import grouped_order
 from producer.errors import UsageError
 from producer.settings import (
     ENV_ADAPTER_ROOTS,
@@ -175,7 +176,8 @@ def run_command(args: argparse.Namespace) -> int:
     engine = build_engine(settings)
     try:
         with progress_bar(len(jobs), desc="running") as bar:
-            summary = run_jobs(jobs, engine=engine, settings=settings, on_done=bar.update)
+            # In the order `submit` queues a file: each adapter's jobs together.
+            summary = run_jobs(grouped_order(jobs), engine=engine, settings=settings, on_done=bar.update)
     except StorageError as e:
         print(f"omni-batch run: {e}", file=sys.stderr)
         return EXIT_FAILURE

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,11 +57,6 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-
-def batch_key(job: Job) -> tuple[Hashable, ...]:
-    """Jobs may share a pipeline call only when everything but prompt and seed is equal."""
-    return (job.width, job.height, job.steps, job.guidance_scale, job.scale, job.negative_prompt)
 
 
 def png_bytes(image: Any) -> bytes:

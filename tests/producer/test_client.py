@@ -49,6 +49,31 @@ def test_submit_sends_omni_generate_by_name_as_json(client: Client, redis_url: s
     assert message["properties"]["delivery_info"]["routing_key"] == "omni"
 
 
+def test_a_dataset_is_queued_with_each_adapters_jobs_together(client: Client, redis_url: str) -> None:
+    """A file that cycles through adapters reaches the queue as one run per adapter (its batch keys
+    together), each where its first job was, within each priority: a window meets long runs."""
+    jobs = [
+        Job(prompt=f"p{i}", adapter=adapter, width=width, priority=priority)
+        for i, (adapter, width, priority) in enumerate(
+            [
+                *[("a", 64, 5), ("b", 64, 5), (None, 64, 5), ("a", 64, 5), ("b", 64, 5), ("a", 32, 5)],
+                *[("b", 64, 9), ("a", 64, 9), ("b", 64, 9), ("a", 64, 5), (None, 64, 5)],
+            ]
+        )
+    ]
+
+    assert client.submit_many(jobs) == [job.job_id for job in jobs], "ids in the order given"
+
+    taken = [m["decoded_body"][0][0] for m in queued(redis_url)]
+    runs = [(j["priority"], j["adapter"], j["width"]) for j in taken]
+    assert runs == [
+        (9, "b", 64), (9, "b", 64), (9, "a", 64),
+        (5, "a", 64), (5, "a", 64), (5, "a", 64), (5, "a", 32), (5, "b", 64), (5, "b", 64),
+        (5, None, 64), (5, None, 64),
+    ]  # fmt: skip
+    assert sorted(j["prompt"] for j in taken) == sorted(job.prompt for job in jobs)
+
+
 def test_job_priority_maps_to_kombus_reversed_order(client: Client, redis_url: str) -> None:
     client.submit_many([Job(prompt=f"p{p}", priority=p) for p in range(10)])
     by_key = {m["key"]: m["decoded_body"][0][0]["priority"] for m in queued(redis_url)}

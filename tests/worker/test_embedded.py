@@ -105,6 +105,22 @@ def test_run_cli_runs_a_file_end_to_end(tmp_path):
     assert len(list((out / "cli").glob("*.png"))) == 2
 
 
+def test_run_cli_loads_each_adapter_once_from_a_file_that_cycles_through_them(tmp_path, make_adapter):
+    """`run` takes a file in the order `submit` queues it (each adapter's jobs together), so even a
+    window of two jobs and a one-adapter cache load each adapter once."""
+    for name in "abc":
+        make_adapter(name, rank=2)
+    jobs_file = tmp_path / "jobs.jsonl"
+    lines = (f'{{"prompt": "p{i}", "adapter": "{a}"}}\n' for i, a in enumerate("abc" * 3))
+    jobs_file.write_text("".join(lines))
+    command = [str(OMNI_BATCH), "run", str(jobs_file), "--out", str(tmp_path / "out")]
+    command += ["--adapter-root", str(tmp_path / "adapters"), "--window", "2", "--max-loras", "1"]
+    result = subprocess.run([*command, "--max-cpu-loras", "1"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "images      9" in result.stdout
+    assert "adapter loads from disk 3 (minimum possible 3)" in result.stdout
+
+
 def test_run_cli_with_a_compiled_denoiser_writes_every_image(tmp_path, make_adapter):
     """--compile reaches the engine: a mixed-adapter file runs through the compiled denoiser.
 
