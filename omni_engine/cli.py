@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adapters = subparsers.add_parser("adapters", help="inspect LoRA adapters")
     commands = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
     validate = commands.add_parser("validate", help="check an adapter against a model, print what it targets")
-    validate.add_argument("directory", help="the adapter directory (PEFT or diffusers layout)")
+    validate.add_argument(
+        "directory", help="the adapter directory, or its weights file (PEFT, diffusers or kohya layout)"
+    )
     validate.add_argument(
         "--model",
         default=None,
@@ -70,6 +72,7 @@ def validate_command(args: argparse.Namespace) -> int:
         "use_rslora": adapter.config.use_rslora,
         "layers": len(adapter.modules),
         "targets": dict(sorted(kinds.items())),
+        "notes": list(adapter.notes),
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -84,4 +87,6 @@ def validate_command(args: argparse.Namespace) -> int:
             f"  {len(adapter.modules)} layers: "
             + ", ".join(f"{k} x{v}" for k, v in report["targets"].items())
         )
+        for note in adapter.notes:
+            print(f"  note: {note}")
     return EXIT_OK
