@@ -54,7 +54,9 @@ def validate_command(args: argparse.Namespace) -> int:
     name = os.path.basename(os.path.normpath(args.directory)) or args.directory
     try:
         model = load_model(model_id, device=torch.device("cpu"), dtype=torch.float32)
-        adapter = read_adapter(args.directory, name=name, component=model.denoiser_name, roots=None)
+        adapter = read_adapter(
+            args.directory, name=name, component=model.denoiser_name, roots=None, converter=model.converter
+        )
         check_compatible(adapter, adaptable_layers(model.denoiser), max_rank=args.max_lora_rank)
     except (AdapterError, ModelError) as e:
         print(f"invalid: {e}", file=sys.stderr)

@@ -87,6 +87,7 @@ class Omni:
             adapter_roots=list(adapter_roots) if adapter_roots is not None else None,
             max_adapter_bytes=max_adapter_bytes,
             pin_host_memory=self.device.type == "cuda",
+            converter=self._model.converter,
         )
         self._lock = threading.RLock()
         self._versions = library_versions()

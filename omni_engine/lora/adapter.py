@@ -13,7 +13,15 @@ import torch
 
 from omni_engine.errors import InvalidAdapterError
 from omni_engine.lora.config import AdapterConfig
-from omni_engine.lora.formats import PEFT_PREFIX, KeyLayout, default_config, module_tensors
+from omni_engine.lora.formats import (
+    PEFT_PREFIX,
+    Converter,
+    KeyLayout,
+    default_config,
+    from_kohya,
+    is_kohya,
+    module_tensors,
+)
 from omni_engine.lora.paths import file_sha256, read_capped, resolve_adapter_path, resolve_file
 from omni_engine.lora.safetensors_file import read_safetensors
 
@@ -170,16 +178,26 @@ def read_adapter(
     component: str,
     roots: tuple[Path, ...] | None,
     max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+    converter: Converter | None = None,
 ) -> LoRAAdapter:
-    """Resolve, read and check an adapter. `component` is the model part keys may be prefixed with."""
+    """Resolve, read and check an adapter. `component` is the model part keys may be prefixed with;
+    `converter` is the model's reader of kohya/A1111 files (formats.converter_for)."""
     checked_ns = time.time_ns()  # before the stat: see LoRAAdapter.racy
     directory, sig = signature(path, roots, adapter=name)
     config_file, weights_file = _files(directory, roots, adapter=name)
     weights = read_safetensors(weights_file, adapter=name, max_bytes=max_bytes)
 
-    tensors, layout = module_tensors(weights.tensors, component, adapter=name)
-    config_sha256, notes = None, ()
-    if config_file is not None:
+    raw, notes = weights.tensors, ()
+    kohya = is_kohya(list(raw))
+    if kohya:
+        raw = from_kohya(raw, converter, adapter=name)
+        notes = (f"a kohya/A1111 file, converted by diffusers' {converter.pipeline} converter",)
+    tensors, layout = module_tensors(raw, component, adapter=name)
+    config_sha256 = None
+    if kohya:
+        # Its alphas are folded into lora_B: alpha = r for every module.
+        config = AdapterConfig.from_dict(default_config(tensors), adapter=name, source="kohya alphas")
+    elif config_file is not None:
         config_bytes = read_capped(config_file, MAX_CONFIG_BYTES, adapter=name)
         config_sha256 = hashlib.sha256(config_bytes).hexdigest()
         try:
@@ -203,6 +221,7 @@ def read_adapter(
         # What diffusers does with such a file: alpha = r for every module (scale 1 x B @ A).
         config = AdapterConfig.from_dict(default_config(tensors), adapter=name, source="defaults")
         notes = (
+            *notes,
             f"no {CONFIG_FILE} and no {DIFFUSERS_METADATA_KEY} in the header: lora_alpha = r for every "
             "module, as diffusers assumes",
         )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures.engine import diffusers_reference, peft_reference
+from fixtures.engine import TINY_MODELS, diffusers_reference, peft_reference
 from safetensors.torch import load_file, save_file
 
 from omni_engine.errors import InvalidAdapterError
@@ -50,28 +50,32 @@ def _strip_metadata(weights: Path) -> Path:
     return weights
 
 
-def test_save_lora_adapter_output_equals_diffusers(omni_factory, tiny_transformer, tmp_path):
-    weights = save_lora_adapter(tmp_path / "saved", tiny_transformer)
-    assert not any(k.startswith("transformer.") for k in load_file(weights)), "test setup: unprefixed keys"
+@pytest.mark.parametrize("tiny_model", TINY_MODELS)
+def test_save_lora_adapter_output_equals_diffusers(omni_factory, tiny_denoiser, tiny_model, tmp_path):
+    component, denoiser = tiny_denoiser
+    weights = save_lora_adapter(tmp_path / "saved", denoiser)
+    assert not any(k.startswith(f"{component}.") for k in load_file(weights)), "test setup: unprefixed keys"
 
     omni = omni_factory()
     ours = _pixels(omni, weights.parent)
     assert np.abs(ours - _base(omni)).max() > 8, "the adapter should visibly change the image"
-    assert np.abs(ours - diffusers_reference(weights, PROMPT, SEED)).max() <= 1
+    assert np.abs(ours - diffusers_reference(weights, PROMPT, SEED, model=tiny_model)).max() <= 1
 
 
+@pytest.mark.parametrize("tiny_model", TINY_MODELS)
 def test_file_without_metadata_takes_alpha_equal_to_rank_as_diffusers(
-    omni_factory, tiny_transformer, tmp_path
+    omni_factory, tiny_denoiser, tiny_model, tmp_path
 ):
-    with_header = save_lora_adapter(tmp_path / "with", tiny_transformer, rank=4, alpha=16.0)
-    bare = _strip_metadata(save_lora_adapter(tmp_path / "bare", tiny_transformer, rank=4, alpha=16.0))
+    component, denoiser = tiny_denoiser
+    with_header = save_lora_adapter(tmp_path / "with", denoiser, rank=4, alpha=16.0)
+    bare = _strip_metadata(save_lora_adapter(tmp_path / "bare", denoiser, rank=4, alpha=16.0))
 
     omni = omni_factory()
     ours = _pixels(omni, bare.parent)
-    assert np.abs(ours - diffusers_reference(bare, PROMPT, SEED)).max() <= 1
+    assert np.abs(ours - diffusers_reference(bare, PROMPT, SEED, model=tiny_model)).max() <= 1
     # alpha 16 at rank 4 is 4x the update alpha = r gives: the header's alpha was not used.
     assert np.abs(ours - _pixels(omni, with_header.parent)).max() > 8
-    read = read_adapter(str(bare.parent), name="bare", component="transformer", roots=None)
+    read = read_adapter(str(bare.parent), name="bare", component=component, roots=None)
     assert any("lora_alpha = r" in note for note in read.notes), "the default is said, not silent"
 
 
