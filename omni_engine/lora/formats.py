@@ -119,7 +119,7 @@ class KeyLayout(StrEnum):
     UNPREFIXED = "unprefixed"  # <module>... (a model's save_lora_adapter)
 
 
-def layout_of(keys: list[str], component: str) -> KeyLayout:
+def layout_of(keys: list[str]) -> KeyLayout:
     """Which layout the file uses: decided by its keys as a whole, as diffusers decides it."""
     if any(key.startswith(PEFT_PREFIX) for key in keys):
         return KeyLayout.PEFT
@@ -132,7 +132,7 @@ def module_tensors(
     tensors: dict[str, torch.Tensor], component: str, *, adapter: str
 ) -> tuple[dict[str, torch.Tensor], KeyLayout]:
     """Map the file's keys to `<module>.lora_A.weight`, module paths relative to the denoiser."""
-    layout = layout_of(list(tensors), component)
+    layout = layout_of(list(tensors))
     prefix = {KeyLayout.PEFT: PEFT_PREFIX, KeyLayout.PREFIXED: f"{component}.", KeyLayout.UNPREFIXED: ""}[
         layout
     ]
