@@ -52,7 +52,10 @@ class Omni:
     copies no weights; `lora_scale=0.0` runs the base model exactly.
 
     Resident adapters occupy `max_loras` slots whose LoRA layers are built once; a held adapter
-    becomes resident by a copy into a slot. A slot reserves `(in_features + out_features) *
+    becomes resident by a copy into a slot. With `compile` (a torch.compile backend, such as
+    "inductor"), the denoiser is compiled once; slots are then padded to `max_lora_rank` so that
+    switching adapters, ranks and scales never recompiles it (images then differ from the
+    uncompiled engine's by rounding: docs/reliability.md). A slot reserves `(in_features + out_features) *
     max_lora_rank` elements of the model's dtype for each layer an adapter has targeted in it
     (allocated on first use), so memory grows with max_loras x max_lora_rank: lower
     `max_lora_rank` to the largest rank your adapters use.
@@ -71,11 +74,13 @@ class Omni:
         dtype: torch.dtype | str | None = None,
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
         fuse: FuseMode | str = FuseMode.AUTO,
+        compile: str | None = None,
     ) -> None:
         try:
             self.fuse = FuseMode(fuse)
         except ValueError:
             raise ValueError(f"fuse must be one of {[m.value for m in FuseMode]}, got {fuse!r}") from None
+        self.compile = check_compile_backend(compile)
         self.device, self.dtype = resolve_device(device, dtype)
         self._model = load_model(model, device=self.device, dtype=self.dtype)
         self._lora = LoRAManager(
@@ -88,7 +93,11 @@ class Omni:
             max_adapter_bytes=max_adapter_bytes,
             pin_host_memory=self.device.type == "cuda",
             converter=self._model.converter,
+            padded_slots=self.compile is not None,
         )
+        if self.compile is not None:
+            # Compiled on its first call; the padded slots keep every later switch off the guards.
+            self._model.denoiser.compile(backend=self.compile)
         self._lock = threading.RLock()
         self._versions = library_versions()
         if lora_path is not None:
@@ -230,6 +239,8 @@ class Omni:
             self._lora.close()
 
     def remove_lora(self, lora_int_id: int) -> bool:
+        """Drop a held adapter (False if the id names none). The pre-loaded `lora_path` is refused:
+        ValueError, rather than quietly losing the pin it was given at start."""
         with self._lock:
             return self._lora.remove(lora_int_id)
 
@@ -284,3 +295,15 @@ class Omni:
             if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
                 raise ValueError(f"seed must be an int in 0..2**63-1, got {s!r}")
         return seeds
+
+
+def check_compile_backend(backend: str | None) -> str | None:
+    """`backend` if torch.compile knows it (None: no compiling); ValueError naming the known ones."""
+    if backend is None:
+        return None
+    import torch._dynamo
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        usual = ", ".join(torch._dynamo.list_backends())
+        raise ValueError(f"compile must be None or a torch.compile backend such as {usual}; got {backend!r}")
+    return backend

@@ -76,10 +76,21 @@ def job_defaults(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def read_jobs(args: argparse.Namespace, path: str, *, action: str) -> JobFile:
-    """Every job of the file at `path` with the default flags applied (JobFileError if any is bad)."""
-    from producer.jobfile import read_job_file
+    """Every job of the file at `path` with the default flags applied (JobFileError if any is bad).
 
-    return read_job_file(path, job_defaults(args), action=action)
+    A large file takes a while to validate: a bar shows it, and is cleared once it is read."""
+    from producer.jobfile import STDIN, read_job_file
+    from producer.progress import progress_bar
+
+    defaults = job_defaults(args)
+    name = "stdin" if path == STDIN else path
+    with progress_bar(None, desc=f"reading {name}", unit="line", leave=False) as bar:
+
+        def show(done: int, total: int) -> None:
+            bar.total, bar.n = total, done
+            bar.refresh()
+
+        return read_job_file(path, defaults, action=action, on_progress=show)
 
 
 def _missing_extra(name: str, error: ImportError) -> Callable[[argparse._SubParsersAction], None]:

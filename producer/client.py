@@ -34,8 +34,14 @@ def broker_priority(job_priority: int) -> int:
     return d.MAX_PRIORITY - job_priority
 
 
-def celery_config(broker_url: str, result_backend: str | None = None) -> dict[str, Any]:
-    """Celery settings both the producer and the worker use: JSON only, ten priority lists."""
+def celery_config(
+    broker_url: str, result_backend: str | None = None, *, task_events: bool = True
+) -> dict[str, Any]:
+    """Celery settings both the producer and the worker use: JSON only, ten priority lists.
+
+    `task_events` (`OMNI_TASK_EVENTS`): the task-sent event of each job submitted and the
+    worker's received, started, succeeded and failed events, for Flower or `celery events`.
+    """
     transport_options = dict(d.BROKER_TRANSPORT_OPTIONS)
     transport_options["priority_steps"] = list(d.BROKER_PRIORITY_STEPS)  # a fresh copy per app
     return {
@@ -47,6 +53,8 @@ def celery_config(broker_url: str, result_backend: str | None = None) -> dict[st
         "result_accept_content": ["json"],
         "task_default_queue": d.QUEUE,
         "broker_transport_options": transport_options,
+        "task_send_sent_event": task_events,
+        "worker_send_task_events": task_events,
     }
 
 
@@ -61,10 +69,11 @@ class Client:
     """Sends jobs to the `omni` queue. Fire and forget: results are read from storage, not Celery."""
 
     def __init__(self, broker_url: str | None = None) -> None:
-        self.broker_url = broker_url or read_environment().broker_url
+        env = read_environment()
+        self.broker_url = broker_url or env.broker_url
         self.safe_broker_url = redact(self.broker_url)
         self.app = Celery("omni-producer", set_as_current=False)
-        self.app.conf.update(celery_config(self.broker_url))
+        self.app.conf.update(celery_config(self.broker_url, task_events=env.task_events))
         with self.app.connection_for_write() as connection:  # builds the transport, connects nothing
             # The transport's own connection errors (redis-py's for Redis) escape a publish as they are.
             self._broker_errors = (OperationalError, _BatchPublishError, *connection.connection_errors)

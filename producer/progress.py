@@ -1,4 +1,5 @@
-"""A dataset's progress, read from its outputs: done, failed and pending jobs.
+"""Progress: a dataset's, read from its outputs (done, failed and pending jobs), and the one
+progress bar every command a person waits on shows (`submit`, `run`, `demo`, `wait`).
 
 Storage is the record of truth (a sidecar means done, an error record means failed), not Celery:
 it outlives the broker and needs no result backend. Which jobs are still pending can only be
@@ -7,13 +8,22 @@ known from the job list itself, so the expected job ids are passed in.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tqdm import tqdm
+
 from producer.layout import OutputKind, classify_key, dataset_prefix
 from producer.storage import Storage
+
+
+def progress_bar(total: int | None, *, desc: str, unit: str = "job", leave: bool = True) -> tqdm:
+    """A bar on stderr while a person waits at a terminal; nothing at all when stderr is not a TTY
+    (a log file, a pipe, CI), so logs hold only the summary. `leave=False` clears it when done."""
+    return tqdm(total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr, disable=None)
 
 
 @dataclass(frozen=True)

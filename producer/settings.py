@@ -30,6 +30,21 @@ ENV_MAX_ATTEMPTS = "OMNI_MAX_ATTEMPTS"
 ENV_MAX_BATCH = "OMNI_MAX_BATCH"
 ENV_CACHE_DIR = "OMNI_CACHE_DIR"
 ENV_FUSE = "OMNI_FUSE"
+ENV_METRICS_PORT = "OMNI_METRICS_PORT"
+ENV_SUMMARY_INTERVAL = "OMNI_SUMMARY_INTERVAL"
+ENV_TASK_EVENTS = "OMNI_TASK_EVENTS"
+_SWITCH = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
+ENV_API_TOKENS = "OMNI_API_TOKENS"
+ENV_COMPILE = "OMNI_COMPILE"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +65,11 @@ class Environment:
     max_batch: int | None = None
     cache_dir: str | None = None
     fuse: str | None = None
+    metrics_port: int | None = None
+    summary_interval_s: int | None = None
+    task_events: bool = True
+    api_tokens: tuple[str, ...] = ()
+    compile: str | None = None
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
@@ -72,7 +92,16 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         except ValueError:
             raise SettingsError(f"${name} must be an integer, got {raw!r}") from None
 
+    def switch(name: str, default: bool) -> bool:
+        raw = text(name)
+        if raw is None:
+            return default
+        if raw.lower() not in _SWITCH:
+            raise SettingsError(f"${name} must be one of 1, 0, true, false, yes, no, on, off, got {raw!r}")
+        return _SWITCH[raw.lower()]
+
     roots = text(ENV_ADAPTER_ROOTS) or ""
+    tokens = text(ENV_API_TOKENS) or ""
     return Environment(
         broker_url=text(ENV_BROKER_URL) or DEFAULT_BROKER_URL,
         result_backend=text(ENV_RESULT_BACKEND),
@@ -88,4 +117,9 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         max_batch=integer(ENV_MAX_BATCH),
         cache_dir=text(ENV_CACHE_DIR),
         fuse=text(ENV_FUSE),
+        metrics_port=integer(ENV_METRICS_PORT),
+        summary_interval_s=integer(ENV_SUMMARY_INTERVAL),
+        task_events=switch(ENV_TASK_EVENTS, True),
+        api_tokens=tuple(token.strip() for token in tokens.split(",") if token.strip()),
+        compile=text(ENV_COMPILE),
     )

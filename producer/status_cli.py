@@ -12,12 +12,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from tqdm import tqdm
-
 from producer.cli import EXIT_FAILURE, EXIT_OK, add_job_default_flags, job_defaults, read_jobs
 from producer.errors import InvalidStorageURIError, StorageError, UsageError
 from producer.layout import error_key
-from producer.progress import DatasetStatus, dataset_status, wait_for_jobs
+from producer.progress import DatasetStatus, dataset_status, progress_bar, wait_for_jobs
 from producer.records import failure_reason
 from producer.settings import ENV_OUTPUT_URI, read_environment
 from producer.storage import Storage, open_storage
@@ -93,8 +91,7 @@ def _wait(args: argparse.Namespace) -> int:
     storage = _open_output(args)
     expected = read_expected_job_ids(args)
     try:
-        # disable=None: a bar on a terminal, nothing in a log file (as submit does).
-        with tqdm(total=len(expected), desc=args.dataset, unit="job", file=sys.stderr, disable=None) as bar:
+        with progress_bar(len(expected), desc=args.dataset) as bar:
 
             def show(status: DatasetStatus) -> None:
                 bar.n = status.done + status.failed

@@ -62,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _send(client: Client, jobs: list[Job]) -> None:
-    from tqdm import tqdm
+    from producer.progress import progress_bar
 
-    # disable=None: a bar on a terminal, nothing in a log file.
-    with tqdm(total=len(jobs), unit="job", desc="submitting", file=sys.stderr, disable=None) as bar:
+    with progress_bar(len(jobs), desc="submitting") as bar:
         client.submit_many(jobs, progress=bar.update)

@@ -33,7 +33,7 @@ class GenerateTask(Task):
 
 def make_app(settings: WorkerSettings) -> Celery:
     app = Celery("omni-worker", set_as_current=False)
-    config = celery_config(settings.broker_url, settings.result_backend)
+    config = celery_config(settings.broker_url, settings.result_backend, task_events=settings.task_events)
     transport = config["broker_transport_options"]
     transport["visibility_timeout"] = settings.visibility_timeout_s
     # kombu sweeps for jobs whose worker died every interval x throttle seconds (100 s by default);

@@ -10,7 +10,6 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from omni_engine.lora.fuse_mode import FuseMode
 from omni_engine.models.presets import DEFAULT_MODEL
@@ -20,18 +19,22 @@ from producer.errors import UsageError
 from producer.settings import (
     ENV_ADAPTER_ROOTS,
     ENV_BROKER_URL,
+    ENV_COMPILE,
     ENV_FUSE,
     ENV_MAX_BATCH,
     ENV_MAX_CPU_LORAS,
     ENV_MAX_LORAS,
+    ENV_METRICS_PORT,
     ENV_MODEL,
     ENV_OUTPUT_URI,
+    ENV_SUMMARY_INTERVAL,
     ENV_WINDOW,
 )
 from worker.scheduler import DEFAULT_MAX_BATCH
 from worker.settings import (
     DEFAULT_MAX_CPU_LORAS,
     DEFAULT_MAX_LORAS,
+    DEFAULT_SUMMARY_INTERVAL_S,
     DEFAULT_WINDOW,
     WorkerSettings,
 )
@@ -73,6 +76,14 @@ def _add_engine_flags(parser: argparse.ArgumentParser, *, out_help: str) -> None
         help="merge a call's adapter into the weights: auto (calls with enough images x steps), "
         f"always or never (default: ${ENV_FUSE} or {FuseMode.AUTO.value})",
     )
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        metavar="BACKEND",
+        help="compile the denoiser once with torch.compile (default backend: inductor); switching "
+        f"adapters never recompiles it (default: ${ENV_COMPILE}, else not compiled)",
+    )
 
 
 def register_run(subparsers: argparse._SubParsersAction) -> None:
@@ -113,15 +124,23 @@ def register_worker(subparsers: argparse._SubParsersAction) -> None:
     worker.add_argument(
         "--idle", type=float, dest="idle_s", help="seconds without arrivals before a group runs"
     )
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help=f"serve Prometheus metrics at http://HOST:PORT/metrics (default: ${ENV_METRICS_PORT}, else off)",
+    )
+    worker.add_argument(
+        "--summary-interval",
+        type=float,
+        dest="summary_interval_s",
+        metavar="S",
+        help=f"seconds between summary lines in the log, 0 for none "
+        f"(default: ${ENV_SUMMARY_INTERVAL} or {DEFAULT_SUMMARY_INTERVAL_S:g})",
+    )
     worker.add_argument("--hostname", help="Celery node name (default: omni@<host>)")
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(handler=worker_command)
-
-
-def _progress(total: int) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="job", file=sys.stderr, disable=None)
 
 
 def _settings(args: argparse.Namespace, **extra: object) -> WorkerSettings:
@@ -134,6 +153,7 @@ def _settings(args: argparse.Namespace, **extra: object) -> WorkerSettings:
         output_uri=args.out,
         max_batch=args.max_batch,
         fuse=args.fuse,
+        compile=args.compile,
         **extra,
     )
 
@@ -144,6 +164,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     from omni_engine.models.loader import quiet_library_output
     from producer.errors import StorageError
+    from producer.progress import progress_bar
     from worker.embedded import run_jobs
     from worker.settings import build_engine
 
@@ -153,7 +174,7 @@ def run_command(args: argparse.Namespace) -> int:
         raise UsageError(f"some jobs have no output: give --out or set ${ENV_OUTPUT_URI}")
     engine = build_engine(settings)
     try:
-        with _progress(len(jobs)) as bar:
+        with progress_bar(len(jobs), desc="running") as bar:
             summary = run_jobs(jobs, engine=engine, settings=settings, on_done=bar.update)
     except StorageError as e:
         print(f"omni-batch run: {e}", file=sys.stderr)
@@ -167,6 +188,7 @@ def run_command(args: argparse.Namespace) -> int:
 def demo_command(args: argparse.Namespace) -> int:
     """Run the demo and print what grouping saved."""
     from omni_engine.models.loader import quiet_library_output
+    from producer.progress import progress_bar
     from worker.demo import DEMO_ADAPTERS, demo_jobs, run_demo
 
     quiet_library_output()
@@ -175,7 +197,7 @@ def demo_command(args: argparse.Namespace) -> int:
         f"omni-batch demo: {len(demo_jobs())} jobs over {len(DEMO_ADAPTERS)} adapters and the base model, "
         f"{DEFAULT_MODEL}, into {out}/"
     )
-    with _progress(len(demo_jobs())) as bar:
+    with progress_bar(len(demo_jobs()), desc="demo") as bar:
         summary, fifo = run_demo(out, on_done=bar.update)
     print("\n".join(summary.lines()))
     if summary.images:
@@ -195,7 +217,15 @@ def worker_command(args: argparse.Namespace) -> int:
     # HTTP client logs carry request headers, and so the access key id, even at DEBUG.
     for library in ("botocore", "boto3", "s3transfer", "urllib3"):
         logging.getLogger(library).setLevel(max(logging.INFO, logging.getLogger(library).level))
-    settings = _settings(args, broker_url=args.broker, idle_s=args.idle_s)
+    settings = _settings(
+        args,
+        broker_url=args.broker,
+        idle_s=args.idle_s,
+        metrics_port=args.metrics_port,
+        summary_interval_s=args.summary_interval_s,
+    )
+    if settings.metrics_port:
+        _serve_metrics(settings)
     app = make_app(settings)
     app.worker_main(
         [
@@ -210,3 +240,22 @@ def worker_command(args: argparse.Namespace) -> int:
         ]
     )
     return EXIT_OK
+
+
+def _serve_metrics(settings: WorkerSettings) -> None:
+    """Start the metrics endpoint before the model loads, so a scrape sees a worker that is starting."""
+    from importlib.metadata import version
+
+    from worker import metrics
+
+    metrics.serve(
+        settings.metrics_port,
+        info={
+            "version": version("omni-batch"),
+            "model": settings.model,
+            "max_loras": str(settings.max_loras),
+            "max_cpu_loras": str(settings.max_cpu_loras),
+            "max_batch": str(settings.max_batch),
+            "fuse": settings.fuse.value,
+        },
+    )

@@ -11,6 +11,7 @@ fails for good is recorded and acked; one whose storage stayed unreachable is re
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +30,7 @@ from producer.layout import JSON_CONTENT_TYPE, error_key
 from producer.records import encode, error_record
 from producer.redact import redact_credentials
 from producer.schema import validate_job
+from worker import metrics
 from worker.admission import Admission, to_pending
 from worker.attempts import AttemptCounter
 from worker.errors import AttemptsUnavailableError, PoisonJobError
@@ -70,6 +72,9 @@ class GroupingConsumer:
         self.uploader = ThreadPoolExecutor(1, thread_name_prefix="omni-store")
         self.last_arrival = time.monotonic()
         self._timer = None
+        metrics.WINDOW_JOBS.set_function(lambda: len(self.window))
+        metrics.WINDOW_CAPACITY.set(settings.window)
+        self.summary = metrics.SummaryLog(settings.summary_interval_s)
 
     # -- Celery wiring -------------------------------------------------------------------------
 
@@ -127,6 +132,17 @@ class GroupingConsumer:
             if (request.expires or request.id in revoked_tasks) and request.revoked():
                 return  # revoked or expired: Celery acked it and recorded why
             task_reserved(request)
+            request.send_event(
+                "task-received",
+                name=request.name,
+                args=request.argsrepr,
+                kwargs=request.kwargsrepr,
+                root_id=request.root_id,
+                parent_id=request.parent_id,
+                retries=request.request_dict.get("retries", 0),
+                eta=None,
+                expires=request.expires and request.expires.isoformat(),
+            )
             try:
                 self.receive(request)
             except Exception as e:  # one bad message must not take the consumer down
@@ -153,6 +169,7 @@ class GroupingConsumer:
             self.harvest()
             if self.window and time.monotonic() - self.last_arrival >= self.settings.idle_s:
                 self.run_next()
+            self.summary.maybe_log(len(self.window), self.settings.window)
         except Exception:  # the timer must keep running whatever one group did
             logger.exception("omni-batch worker: unexpected error between groups")
 
@@ -181,7 +198,8 @@ class GroupingConsumer:
             self._fail(request, e)
             return None
         if admitted is None:
-            self._finish(request)  # its outputs exist: a redelivery, or the same job sent again
+            metrics.JOBS_SKIPPED.inc()
+            self._succeed(request, "skipped: its outputs exist")  # a redelivery, or sent again
             return None
         self.held[job.job_id] = []
         if isinstance(admitted, Result):
@@ -228,6 +246,9 @@ class GroupingConsumer:
 
     def _generate(self, batch: list[Pending]) -> None:
         items = [p.payload[1] for p in batch]
+        started = time.monotonic()
+        for p in batch:  # Celery's active state and a task-started event, as its pool would do
+            p.payload[0].on_accepted(os.getpid(), started)
         logger.debug(
             "running %d job(s) for %s; %d left in the window", len(items), batch[0].adapter, len(self.window)
         )
@@ -265,12 +286,14 @@ class GroupingConsumer:
                 if isinstance(error, StorageUnavailableError):
                     # Its start stays counted: a job the storage never takes is bounded too.
                     logger.error("job %s: storage unreachable, back to the queue: %s", request.id, error)
+                    metrics.JOBS_REQUEUED.labels(type(error).__name__).inc()
                     for delivery in deliveries:
                         delivery.reject(requeue=True)
                         task_ready(delivery)
                     continue
                 if error is None and result.ok:
-                    self._finish(request)
+                    metrics.JOBS_DONE.inc()
+                    self._succeed(request, "stored")
                 else:
                     self._fail(request, error or result.error)
                 for extra in deliveries[1:]:
@@ -281,10 +304,17 @@ class GroupingConsumer:
     def _requeue(self, group: list[Pending], error: AttemptsUnavailableError) -> None:
         """Back to the queue, not run: without the start counts a poison job could kill every worker."""
         logger.error("%d job(s) back to the queue, not run: %s", len(group), error)
+        metrics.JOBS_REQUEUED.labels(type(error).__name__).inc(len(group))
         for p in group:
             for delivery in [p.payload[0], *self.held.pop(p.job_id, [])]:
                 delivery.reject(requeue=True)
                 task_ready(delivery)
+
+    def _succeed(self, request: Any, outcome: str) -> None:
+        """Done (or done already): the task-succeeded event monitors such as Flower wait for, then the ack."""
+        runtime = time.time() - request.time_start if request.time_start else 0.0
+        request.send_event("task-succeeded", result=outcome, runtime=runtime)
+        self._finish(request)
 
     def _finish(self, request: Any) -> None:
         request.acknowledge()
@@ -293,6 +323,8 @@ class GroupingConsumer:
     def _fail(self, request: Any, error: BaseException) -> None:
         """A failure for good: Celery's FAILURE state (when results are kept), then the ack."""
         logger.warning("job %s failed: %s: %s", request.id, type(error).__name__, error)
+        metrics.JOBS_FAILED.labels(type(error).__name__).inc()
+        request.send_event("task-failed", exception=f"{type(error).__name__}: {error}", traceback="")
         if not isinstance(self.app.backend, DisabledBackend):
             try:
                 self.app.backend.mark_as_failure(request.id, error, request=request._context)

@@ -23,6 +23,7 @@ from producer.layout import IMAGE_CONTENT_TYPE, JSON_CONTENT_TYPE, error_key, im
 from producer.records import encode, error_record, sidecar
 from producer.schema import Job
 from producer.storage import Storage
+from worker import metrics
 from worker.errors import OutOfMemoryError
 from worker.scheduler import Pending, SchedulerPolicy, take_next_group, upcoming_cold_adapters
 
@@ -126,30 +127,44 @@ def generate_group(engine: Omni, items: list[WorkItem]) -> list[Result]:
         half = len(items) // 2
         return generate_group(engine, items[:half]) + generate_group(engine, items[half:])
 
-    results = []
+    results, waits = [], []
     for item, output in zip(items, generated, strict=True):
         timings = {}
         if item.submitted_at is not None:
             timings["queue_wait_s"] = max(0.0, time.time() - item.submitted_at)
+            waits.append(timings["queue_wait_s"])
         record = sidecar(item.job, output.metadata, timings)
         results.append(Result(item, record, image=png_bytes(output.images[0])))
+    metadata = generated[0].metadata
+    metrics.observe_call(len(items), metadata, waits)
+    calls = metadata["timings"]
+    logger.info(
+        "group adapter=%s jobs=%d source=%s seconds=%.3f adapter_s=%.3f generate_s=%.3f",
+        first.adapter or "-",
+        len(items),
+        metadata["adapter_source"] or "-",
+        calls["adapter_s"] + calls["generate_s"],
+        calls["adapter_s"],
+        calls["generate_s"],
+    )
     return results
 
 
 def store(result: Result) -> None:
     """Write the image, then the sidecar (its presence means done), or the error record."""
     job, storage = result.item.job, result.item.storage
-    if result.image is None:
+    with metrics.STORE_SECONDS.time():
+        if result.image is None:
+            storage.put_bytes(
+                error_key(job.dataset, job.job_id), encode(result.record), content_type=JSON_CONTENT_TYPE
+            )
+            return
+        started = time.perf_counter()
+        storage.put_bytes(image_key(job.dataset, job.job_id), result.image, content_type=IMAGE_CONTENT_TYPE)
+        result.record["timings"]["store_s"] = time.perf_counter() - started
         storage.put_bytes(
-            error_key(job.dataset, job.job_id), encode(result.record), content_type=JSON_CONTENT_TYPE
+            sidecar_key(job.dataset, job.job_id), encode(result.record), content_type=JSON_CONTENT_TYPE
         )
-        return
-    started = time.perf_counter()
-    storage.put_bytes(image_key(job.dataset, job.job_id), result.image, content_type=IMAGE_CONTENT_TYPE)
-    result.record["timings"]["store_s"] = time.perf_counter() - started
-    storage.put_bytes(
-        sidecar_key(job.dataset, job.job_id), encode(result.record), content_type=JSON_CONTENT_TYPE
-    )
 
 
 def store_with_retry(result: Result, *, attempts: int, backoff_s: float) -> StorageError | None:
@@ -166,6 +181,7 @@ def store_with_retry(result: Result, *, attempts: int, backoff_s: float) -> Stor
         except StorageUnavailableError as e:
             if attempt == attempts:
                 return e
+            metrics.STORAGE_RETRIES.inc()
             logger.warning(
                 "storing job %s failed (%s); retry %d in %.1f s", result.item.job.job_id, e, attempt, delay
             )

@@ -14,7 +14,13 @@ from omni_engine.lora.fuse_mode import FuseMode
 from omni_engine.models.presets import DEFAULT_MODEL
 from producer.defaults import DEFAULT_BROKER_URL
 from producer.errors import SettingsError
-from producer.settings import ENV_FUSE, read_environment
+from producer.settings import (
+    ENV_COMPILE,
+    ENV_FUSE,
+    ENV_METRICS_PORT,
+    ENV_SUMMARY_INTERVAL,
+    read_environment,
+)
 from worker.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S, SchedulerPolicy
 
 if TYPE_CHECKING:
@@ -32,6 +38,12 @@ DEFAULT_STORE_ATTEMPTS = 6
 DEFAULT_STORE_BACKOFF_S = 0.5
 # Starts of one job that may end with the worker dead before it is failed as poison.
 DEFAULT_MAX_ATTEMPTS = 3
+# Prometheus metrics are off unless a port is given: workers sharing a host (one per GPU) each
+# need their own, so no single default would do.
+DEFAULT_METRICS_PORT = 0
+# Seconds between two summary lines in the worker's log (0: none).
+DEFAULT_SUMMARY_INTERVAL_S = 60.0
+_MAX_PORT = 65535
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,10 +65,24 @@ class WorkerSettings:
     store_backoff_s: float = DEFAULT_STORE_BACKOFF_S
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     fuse: FuseMode = FuseMode.AUTO
+    metrics_port: int = DEFAULT_METRICS_PORT
+    summary_interval_s: float = DEFAULT_SUMMARY_INTERVAL_S
+    task_events: bool = True
+    compile: str | None = None  # a torch.compile backend; None: not compiled
 
     def __post_init__(self) -> None:
         if self.window < 1:
             raise SettingsError(f"the window must hold at least one job, got {self.window}")
+        if not 0 <= self.metrics_port <= _MAX_PORT:
+            raise SettingsError(
+                f"the metrics port (${ENV_METRICS_PORT}, --metrics-port) must be 0 (off) to {_MAX_PORT}, "
+                f"got {self.metrics_port}"
+            )
+        if not 0 <= self.summary_interval_s < float("inf"):
+            raise SettingsError(
+                f"the summary interval (${ENV_SUMMARY_INTERVAL}, --summary-interval) must be 0 (off) or "
+                f"a number of seconds, got {self.summary_interval_s}"
+            )
         try:
             object.__setattr__(self, "fuse", FuseMode(self.fuse))
         except ValueError:
@@ -64,6 +90,13 @@ class WorkerSettings:
             raise SettingsError(
                 f"fuse (${ENV_FUSE}, --fuse) must be one of {modes}, got {self.fuse!r}"
             ) from None
+        if self.compile is not None:
+            from omni_engine.engine import check_compile_backend
+
+            try:
+                check_compile_backend(self.compile)
+            except ValueError as e:
+                raise SettingsError(f"${ENV_COMPILE}, --compile: {e}") from None
 
     @classmethod
     def from_env(cls, **overrides: object) -> WorkerSettings:
@@ -83,6 +116,10 @@ class WorkerSettings:
             "max_attempts": env.max_attempts,
             "max_batch": env.max_batch,
             "fuse": env.fuse,
+            "metrics_port": env.metrics_port,
+            "summary_interval_s": env.summary_interval_s,
+            "task_events": env.task_events,
+            "compile": env.compile,
         }
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**{name: value for name, value in values.items() if value is not None})
@@ -103,4 +140,5 @@ def build_engine(settings: WorkerSettings) -> Omni:
         max_cpu_loras=settings.max_cpu_loras,
         adapter_roots=list(settings.adapter_roots),
         fuse=settings.fuse,
+        compile=settings.compile,
     )

@@ -23,9 +23,10 @@ MEMORY_ERRORS = (MemoryError, torch.OutOfMemoryError)
 DIFFUSERS_LOADER_LOGGER = "diffusers.loaders.peft"
 
 
-def adapter_fault(error: BaseException, name: str) -> BaseException:
-    """The adapter's own fault behind a failed load of model adapter `name`, to report as an
-    AdapterError; any other failure is raised from here, the memory error itself where there is one.
+def adapter_fault(error: BaseException, name: str | None = None) -> BaseException:
+    """The adapter's own fault behind a failed load (of model adapter `name`, when diffusers loaded
+    it), to report as an AdapterError; any other failure is raised from here, the memory error
+    itself where there is one.
 
     A fault is an error of ADAPTER_FAULTS raised from (or while handling) nothing but such errors:
     a ValueError raised from an out-of-memory error is out of memory.
@@ -73,7 +74,7 @@ def _unmasked(error: BaseException, name: str) -> BaseException:
     When PEFT fails before registering the adapter, diffusers' rollback (`peft_config.pop(name)`)
     raises KeyError(name) while handling the real error, which becomes its context.
     """
-    while isinstance(error, KeyError) and error.args == (name,) and error.__context__ is not None:
+    while name is not None and isinstance(error, KeyError) and error.args == (name,) and error.__context__:
         error = error.__context__
     return error
 

@@ -38,8 +38,6 @@ from omni_engine.lora.request import LoRARequest
 from omni_engine.lora.slots import SlotBank
 from omni_engine.lora.source import AdapterSource
 
-_UNKNOWN = object()  # the model's active-adapter state after a load into a slot: must be set again
-
 
 @dataclass
 class LoRAStats:
@@ -98,6 +96,7 @@ class LoRAManager:
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
         pin_host_memory: bool = False,
         converter: Converter | None = None,
+        padded_slots: bool = False,
     ) -> None:
         if max_loras < 1:
             raise ValueError(f"max_loras must be >= 1, got {max_loras}")
@@ -119,11 +118,13 @@ class LoRAManager:
         self._held: LRUCache[AdapterKey, LoRAAdapter] = LRUCache(max_cpu_loras, self._evicted_from_host)
         # Resident adapters and the slot each is in.
         self._resident: LRUCache[AdapterKey, str] = LRUCache(max_loras, self._evicted_from_model)
-        self._slots = SlotBank(model, self._layers, count=max_loras, max_rank=max_lora_rank)
+        self._slots = SlotBank(
+            model, self._layers, count=max_loras, max_rank=max_lora_rank, padded=padded_slots
+        )
         self._by_path: dict[str, AdapterKey] = {}
         self._ids: dict[int, AdapterKey] = {}
-        self._active: object = None  # None (LoRA off), (slot name, scale), or _UNKNOWN
         self._last_activated: AdapterKey | None = None
+        self._preloaded: str | None = None  # canonical directory of the engine's lora_path
         self._prefetcher = Prefetcher(self._read, capacity=max_cpu_loras)
         self.stats = LoRAStats()
 
@@ -137,14 +138,14 @@ class LoRAManager:
         (`fusion.fused`), as the returned `Activation.fused` says.
         """
         if request is None:
-            self._apply(None)
+            self._slots.activate(None)
             return Activation(None, None)
         fuse = fuse and scale != 0.0
         stalled_before = self.stats.stall_s
         adapter, source = self._acquire(request, resident=not fuse)
-        target = None if fuse or scale == 0.0 else (self._resident.get(adapter.key), scale)
-        self._apply(target)
-        if target is not None and adapter.key != self._last_activated:
+        slot = None if fuse or scale == 0.0 else self._resident.get(adapter.key)
+        self._slots.activate(slot, scale)
+        if slot is not None and adapter.key != self._last_activated:
             self.stats.activations += 1
             self._last_activated = adapter.key
         return Activation(adapter, source, fuse, self.stats.stall_s - stalled_before)
@@ -181,6 +182,7 @@ class LoRAManager:
             LoRARequest(Path(path).name or path, 1, path), resident=True, record_id=False
         )
         self._pin(adapter.key)
+        self._preloaded = str(adapter.path)
         return adapter
 
     def pin(self, lora_int_id: int) -> bool:
@@ -202,6 +204,12 @@ class LoRAManager:
         if key is None or key not in self._held:
             self._ids.pop(lora_int_id, None)
             return False
+        adapter = self._held.get(key)
+        if str(adapter.path) == self._preloaded:
+            raise ValueError(
+                f"lora_int_id {lora_int_id} names the engine's pre-loaded adapter ({adapter.path}), "
+                "which stays pinned for the engine's life: it cannot be removed"
+            )
         self._drop(key)
         return True
 
@@ -402,46 +410,31 @@ class LoRAManager:
         """Copy the adapter into a slot: a free one, else the slot of the adapter that makes room
         (`replacing` if resident, else the least recently used), which `_place` then evicts. A
         failure leaves every resident adapter in its slot (`SlotBank.load` copies it back)."""
-        name, victim = self._free_slot(replacing)
-        self._active = _UNKNOWN  # the slot's layers, rank and alpha changed: set the scale again
+        name = self._free_slot(replacing)
         try:
             self._slots.load(name, adapter)
         except BaseException as e:  # an interrupt too: never leave a half-loaded slot in use
-            if victim is not None and self._slots.holds(name) != victim:
-                # Its slot could not be restored: it stays held in host memory only.
-                self._resident.remove(victim)
-                self.stats.resident_evictions += 1
+            for key in list(self._resident):
+                if self._slots.holds(self._resident.get(key)) != key:
+                    # Its slot could not be restored: it stays held in host memory only.
+                    self._resident.remove(key)
+                    self.stats.resident_evictions += 1
             if isinstance(e, AdapterError):
                 raise
-            fault = adapter_fault(e, name)  # anything else (out of memory...) is raised as it is
+            fault = adapter_fault(e)  # anything else (out of memory...) is raised as it is
             raise IncompatibleAdapterError(adapter.name, f"loading into the model failed: {fault}") from fault
         return name
 
-    def _free_slot(self, replacing: AdapterKey | None) -> tuple[str, AdapterKey | None]:
+    def _free_slot(self, replacing: AdapterKey | None) -> str:
         """A slot no resident adapter is in, or the slot of the adapter that must make room."""
         used = {self._resident.get(key) for key in self._resident}
         for name in self._slots.names:
             if name not in used:
-                return name, None
+                return name
         victim = replacing if replacing in self._resident else self._resident.oldest_unpinned()
         if victim is None:  # _check_room refuses this before any change
             raise LoRACapacityError(f"all {self._resident.capacity} resident slots (max_loras) are pinned")
-        return self._resident.get(victim), victim
-
-    def _apply(self, target: tuple[str, float] | None) -> None:
-        """Set the model's active adapter and scale: a flag and a float per layer, no weight copies."""
-        if target == self._active:
-            return
-        previous = self._active
-        if target is None:
-            if getattr(self._model, "peft_config", None):
-                self._model.disable_lora()
-        else:
-            if previous is None or previous is _UNKNOWN:
-                self._model.enable_lora()
-            name, scale = target
-            self._model.set_adapters([name], weights=[scale])
-        self._active = target
+        return self._resident.get(victim)
 
 
 def _check_room(cache: LRUCache, key: AdapterKey, replacing: AdapterKey | None, what: str) -> None:

@@ -1,22 +1,33 @@
-"""Resident slots: `max_loras` PEFT adapters built once, that held adapters are copied into.
+"""Resident slots: `max_loras` weight banks bound, one at a time, into one PEFT adapter built once.
 
-Building PEFT layers (`load_lora_adapter`) allocates and initialises new modules on every load;
-a slot's layers are built once, and loading an adapter into the slot afterwards is a copy of its
-weights into buffers the slot owns, as vLLM's LoRA slots and PEFT's `hotswap_adapter` do.
+Building PEFT layers (`load_lora_adapter`) allocates and initialises new modules on every load.
+Here the model has one PEFT adapter, whose LoRA layers cover every module a resident adapter has
+targeted; they are built from a rank-1 zero stub, and built again over the union only when an
+adapter targets a module not covered yet (with adapters that target the same modules: once). A
+rebuild builds the new layers under the other of two names before it drops the old ones, so a
+failed rebuild leaves the model exactly as it was.
+A slot is a bank of weights: for each module its adapter targets, two flat buffers sized for
+`max_lora_rank` (allocated on first use, in the dtype and on the device PEFT chose for the layer)
+and `Parameter`s viewing them. Loading an adapter into a slot is a copy into its buffers, as vLLM's
+LoRA slots and PEFT's `hotswap_adapter` do; activating a slot points each LoRA layer's `lora_A` /
+`lora_B` weight at the slot's parameters and sets the layer's scaling: dictionary writes, no copy
+and no walk over the model's modules.
 
-A slot's PEFT layers exist on a set of modules (its coverage). They are built from a rank-1 zero
-stub over the modules an adapter needs, and built again over the union only when an adapter
-targets a module the slot does not cover yet: with adapters that target the same modules, once
-per slot. Each (slot, module) owns two flat buffers sized for `max_lora_rank`, allocated on first
-use in the dtype and on the device PEFT chose for the layer. Loading copies lora_A and lora_B into
-contiguous views of them at the adapter's true rank and hands those views to the layer's own
-lora_A/lora_B as their weights, with its r, lora_alpha and use_rslora: the forward is PEFT's own,
-on tensors of the same shapes and values, so images equal PEFT's. A module the slot covers but the
-adapter does not target gets an empty rank (a Conv2d, which refuses an empty kernel, a zero rank-1
-pair) at lora_alpha 0: it adds exact zeros.
+Two layouts:
+- exact (default): a slot's parameters are views at the adapter's true rank, and scaling is PEFT's
+  float, so the forward is PEFT's own on tensors of the same shapes and values: images equal PEFT's.
+- padded (for `torch.compile`): every parameter is the whole `max_lora_rank` buffer, zero beyond the
+  adapter's rank, and each layer's scaling is a 0-d tensor filled in place. Activating any slot at
+  any scale then changes no shape, no guarded Python value and no tensor's identity, so a compiled
+  denoiser is not recompiled. The zero padding changes the order of summation: images differ from
+  PEFT's by rounding.
 
-Memory: per slot, the sum over covered modules of (in_features + out_features) * max_lora_rank
-elements (times kernel size for a Conv2d's lora_A).
+A module the model's adapter covers but a slot's adapter does not target gets shared idle weights
+(rank 0, or a zero rank-1 pair for a Conv2d, which refuses an empty kernel; all zeros at full rank
+when padded) at scaling 0: it adds exact zeros.
+
+Memory: per slot, the sum over the modules its adapters targeted of (in_features + out_features) *
+max_lora_rank elements (times kernel size for a Conv2d's lora_A).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,28 +44,60 @@ from peft.tuners.lora import LoraLayer
 from omni_engine.lora.adapter import AdapterKey, LoRAAdapter
 from omni_engine.lora.config import peft_scaling
 from omni_engine.lora.layers import LayerShape
-from omni_engine.lora.load_failures import quiet_rollback
+from omni_engine.lora.load_failures import adapter_fault, quiet_rollback
 
+# The model's one PEFT adapter, which slots are bound into, takes these names in turn: a rebuild
+# builds under the other name first.
+ADAPTER_NAMES = ("omni_lora_0", "omni_lora_1")
 SLOT_PREFIX = "omni_slot_"
+
+
+@dataclass
+class _Weights:
+    """What a slot binds into one module's LoRA layer."""
+
+    a: torch.nn.Parameter
+    b: torch.nn.Parameter
+    rank: int = 0  # the adapter's rank in this module (0: adds nothing)
+    alpha: float = 0.0
+    use_rslora: bool = False
+
+    def scaling(self, scale: float) -> float:
+        return peft_scaling(self.alpha, max(self.rank, 1), use_rslora=self.use_rslora, scale=scale)
 
 
 @dataclass
 class _Slot:
     name: str
-    layers: dict[str, LoraLayer] = field(default_factory=dict)  # its coverage: module -> PEFT layer
     adapter: LoRAAdapter | None = None  # what its buffers hold, while they hold all of it
+    weights: dict[str, _Weights] = field(default_factory=dict)  # module -> weights, kept for reuse
+    targets: frozenset[str] = frozenset()  # the modules `adapter` targets
 
 
 class SlotBank:
     """`count` adapter slots in `model`, each loadable by copy with any adapter up to `max_rank`."""
 
-    def __init__(self, model: torch.nn.Module, layers: dict[str, LayerShape], *, count: int, max_rank: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layers: dict[str, LayerShape],
+        *,
+        count: int,
+        max_rank: int,
+        padded: bool = False,
+    ):
         self._model = model
         self._shapes = layers
         self._max_rank = max_rank
+        self._padded = padded
         self._slots = {name: _Slot(name) for name in (f"{SLOT_PREFIX}{i}" for i in range(count))}
+        self._name: str | None = None  # the PEFT adapter's name, once built
+        self._layers: dict[str, LoraLayer] = {}  # the adapter's coverage: module -> its LoRA layer
         self._buffers: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.builds = 0  # times a slot's PEFT layers were built: what a copy spares
+        self._idle: dict[str, _Weights] = {}  # module -> the zero weights of slots not targeting it
+        self._scales: dict[str, torch.Tensor] = {}  # padded: module -> the layer's scaling tensor
+        self._active: tuple[str | None, float] | None = None  # (slot or None: off, scale); None: unknown
+        self.builds = 0  # times the PEFT layers were built: what a copy spares
 
     @property
     def names(self) -> list[str]:
@@ -68,24 +112,22 @@ class SlotBank:
         return {module: pair for (slot, module), pair in self._buffers.items() if slot == name}
 
     def load(self, name: str, adapter: LoRAAdapter) -> None:
-        """Copy a checked adapter into the slot, building its layers first if it lacks some module.
+        """Copy a checked adapter into the slot, building the layers first if it needs new modules.
 
-        On any failure the slot holds again what it held (built again and copied back from its host
-        copy if it had to be rebuilt); where even that fails, it holds nothing (`holds` is None).
+        On any failure the slot holds again what it held (copied back from its host copy; where even
+        that fails, it holds nothing: `holds` is None), and every other slot is untouched.
         """
         slot = self._slots[name]
-        previous, coverage = slot.adapter, set(slot.layers)
+        previous = slot.adapter
         slot.adapter = None
+        self._active = None  # the slot's weights or the layers change: activate again
         try:
-            if not set(adapter.modules) <= coverage:
-                self._build(slot, coverage | set(adapter.modules))
-            self._allocate(slot)
+            if not set(adapter.modules) <= set(self._layers):
+                self._build(set(self._layers) | set(adapter.modules))
             self._bind(slot, adapter)
         except BaseException:
             if previous is not None:
                 try:
-                    if set(slot.layers) != coverage:
-                        self._build(slot, coverage)
                     self._bind(slot, previous)
                 except Exception:
                     slot.adapter = None
@@ -94,20 +136,50 @@ class SlotBank:
     def release(self, name: str, key: AdapterKey) -> None:
         """The adapter `key` no longer needs the slot (if it still holds it): free for another.
 
-        Its buffers and layers stay for the next adapter; a free slot is never activated.
+        Its buffers stay for the next adapter; a free slot is never activated.
         """
         slot = self._slots[name]
         if slot.adapter is not None and slot.adapter.key == key:
             slot.adapter = None
 
+    def activate(self, name: str | None, scale: float = 1.0) -> None:
+        """Run the model with slot `name` at `scale` (None: the base model, LoRA layers off).
+
+        Rebinds weights only when the slot changes; a scale change writes one scaling per layer.
+        """
+        target = (name, scale if name is not None else 0.0)
+        if target == self._active:
+            return
+        if name is None:
+            _set_enabled(self._layers.values(), False)
+        else:
+            slot = self._slots[name]
+            switch = self._active is None or self._active[0] != name
+            adapter = self._name
+            for module, layer in self._layers.items():
+                weights = slot.weights[module] if module in slot.targets else self._idle_weights(module)
+                if switch:
+                    layer.lora_A[adapter]._parameters["weight"] = weights.a
+                    layer.lora_B[adapter]._parameters["weight"] = weights.b
+                if self._padded:
+                    self._scales[module].fill_(weights.scaling(scale))
+                else:
+                    layer.scaling[adapter] = weights.scaling(scale)
+            if self._active is None or self._active[0] is None:
+                _set_enabled(self._layers.values(), True)
+        self._active = target
+
     # -- building and binding -----------------------------------------------------------------
 
-    def _build(self, slot: _Slot, modules: set[str]) -> None:
-        """(Re)build the slot's PEFT layers over `modules`, from a rank-1 zero stub.
-
-        The only place a slot touches diffusers' loader; on failure the slot has no layers.
+    def _build(self, modules: set[str]) -> None:
+        """Build LoRA layers over `modules` from a rank-1 zero stub, under the name not in use, then
+        drop the old layers. The only place the bank touches diffusers' loader; on failure the old
+        layers are in place and active as before, and the error is the adapter's fault
+        (`adapter_fault`) or the failure itself (out of memory...).
         """
-        self._delete(slot)
+        old = self._name
+        new = next(name for name in ADAPTER_NAMES if name != old)
+        self._active = None
         stub: dict[str, torch.Tensor] = {}
         for module in modules:
             shape_a, shape_b = self._shapes[module].lora_shapes(1)
@@ -122,88 +194,118 @@ class SlotBank:
         }
         self.builds += 1
         try:
-            with warnings.catch_warnings(), quiet_rollback(slot.name):
-                # Several slots in one model is the point of the resident tier.
+            with warnings.catch_warnings(), quiet_rollback(new):
+                # The old layers stay until the new ones are built.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 # diffusers' rollback of a failed load deletes that adapter: the failure is raised anyway.
                 warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
-                self._model.load_lora_adapter(stub, prefix=None, adapter_name=slot.name, metadata=config)
-        except BaseException:
-            self._delete(slot)
-            raise
-        layers = {
-            module: layer
-            for module, layer in ((m, self._model.get_submodule(m)) for m in modules)
-            if isinstance(layer, LoraLayer) and slot.name in layer.lora_A
-        }
-        if len(layers) != len(modules):
-            self._delete(slot)
-            # A refusal of the adapter's modules, which the caller reports as the adapter's fault.
-            raise ValueError(
-                f"building {slot.name} changed {len(layers)} of the {len(modules)} layers it targets"
-            )
-        slot.layers = layers
+                self._model.load_lora_adapter(stub, prefix=None, adapter_name=new, metadata=config)
+            layers = {
+                module: layer
+                for module, layer in ((m, self._model.get_submodule(m)) for m in modules)
+                if isinstance(layer, LoraLayer) and new in layer.lora_A
+            }
+            if len(layers) != len(modules):
+                # A refusal of the adapter's modules, which the caller reports as the adapter's fault.
+                raise ValueError(f"building LoRA layers changed {len(layers)} of the {len(modules)} targeted")
+        except BaseException as e:
+            self._remove(new)
+            for layer in self._layers.values():
+                layer.set_adapter(old)
+            fault = adapter_fault(e, new)  # raises anything that is not the adapter's fault
+            if fault is e:
+                raise
+            raise fault from None
+        self._remove(old)
+        for module, layer in layers.items():
+            layer.set_adapter(new)
+            if self._padded:
+                device = layer.lora_A[new].weight.device
+                scale = self._scales.setdefault(module, torch.zeros((), dtype=torch.float32, device=device))
+                layer.scaling[new] = scale
+        self._name, self._layers = new, layers
 
-    def _delete(self, slot: _Slot) -> None:
-        slot.layers = {}
-        if slot.name in getattr(self._model, "peft_config", {}):
+    def _remove(self, name: str | None) -> None:
+        """Delete PEFT adapter `name` (if built); with none left, the wrapper layers too."""
+        if name in getattr(self._model, "peft_config", {}):
             with warnings.catch_warnings():
-                # PEFT warns when the active adapter goes; the manager sets the next one explicitly.
+                # PEFT warns when the active adapter goes; the caller sets the active one again.
                 warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
-                self._model.delete_adapters(slot.name)
+                self._model.delete_adapters(name)
         if not getattr(self._model, "peft_config", None):
-            # No slot left: remove the wrapper layers too, so the base model runs untouched.
+            # No adapter left: remove the wrapper layers too, so the base model runs untouched.
             self._model.unload_lora()
 
-    def _allocate(self, slot: _Slot) -> None:
-        """Buffers at max_lora_rank for every covered module that has none, like PEFT's weights."""
-        for module, layer in slot.layers.items():
-            if (slot.name, module) in self._buffers:
-                continue
-            like = layer.lora_A[slot.name].weight
+    def _bind(self, slot: _Slot, adapter: LoRAAdapter) -> None:
+        """Copy the adapter into the slot's buffers, in one batched copy: no allocation once used."""
+        targets, sources = [], []
+        with torch.no_grad():
+            for module, rank in adapter.ranks.items():
+                weights = self._slot_weights(slot, module, rank)
+                a, b = weights.a, weights.b
+                if self._padded:
+                    if weights.rank > rank:  # what the last adapter wrote beyond this rank
+                        a[rank : weights.rank].zero_()
+                        b[:, rank : weights.rank].zero_()
+                    a, b = a[:rank], b[:, :rank]
+                targets += [a, b]
+                sources += [adapter.tensors[f"{module}.lora_{part}.weight"] for part in "AB"]
+                weights.rank = rank
+                weights.alpha = adapter.config.alpha_for(module)
+                weights.use_rslora = adapter.config.use_rslora
+            _copy(targets, sources)
+        slot.targets = frozenset(adapter.ranks)
+        slot.adapter = adapter
+
+    def _slot_weights(self, slot: _Slot, module: str, rank: int) -> _Weights:
+        """The slot's parameters for `module`, made for `rank` (padded: for any rank)."""
+        weights = slot.weights.get(module)
+        if weights is not None and (self._padded or weights.a.shape[0] == rank):
+            return weights
+        like = self._layers[module].lora_A[self._name].weight
+        key = (slot.name, module)
+        if key not in self._buffers:
             shape_a, shape_b = self._shapes[module].lora_shapes(self._max_rank)
-            self._buffers[(slot.name, module)] = (
+            self._buffers[key] = (
                 torch.zeros(math.prod(shape_a), dtype=like.dtype, device=like.device),
                 torch.zeros(math.prod(shape_b), dtype=like.dtype, device=like.device),
             )
+        flat_a, flat_b = self._buffers[key]
+        shape_a, shape_b = self._shapes[module].lora_shapes(self._max_rank if self._padded else rank)
+        weights = _Weights(
+            _parameter(flat_a[: math.prod(shape_a)].view(shape_a)),
+            _parameter(flat_b[: math.prod(shape_b)].view(shape_b)),
+        )
+        slot.weights[module] = weights
+        return weights
 
-    def _bind(self, slot: _Slot, adapter: LoRAAdapter) -> None:
-        """Copy the adapter into the slot's buffers and make them its layers' weights: no allocation."""
-        with torch.no_grad():
-            for module, layer in slot.layers.items():
-                shape = self._shapes[module]
-                rank = adapter.ranks.get(module)
-                flat_a, flat_b = self._buffers[(slot.name, module)]
-                shape_a, shape_b = shape.lora_shapes(rank if rank is not None else _idle_rank(shape))
-                a = flat_a[: math.prod(shape_a)].view(shape_a)
-                b = flat_b[: math.prod(shape_b)].view(shape_b)
-                if rank is None:  # covered, not targeted: adds exact zeros
-                    a.zero_()
-                    b.zero_()
-                    alpha = 0.0
-                else:
-                    a.copy_(adapter.tensors[f"{module}.lora_A.weight"], non_blocking=True)
-                    b.copy_(adapter.tensors[f"{module}.lora_B.weight"], non_blocking=True)
-                    alpha = adapter.config.alpha_for(module)
-                _set_weight(layer.lora_A[slot.name], a)
-                _set_weight(layer.lora_B[slot.name], b)
-                # What PEFT's update_layer records, so set_scale computes scale * alpha / r as PEFT does.
-                r = max(a.shape[0], 1)
-                layer.r[slot.name] = r
-                layer.lora_alpha[slot.name] = alpha
-                layer.use_rslora[slot.name] = adapter.config.use_rslora
-                layer.scaling[slot.name] = peft_scaling(alpha, r, use_rslora=adapter.config.use_rslora)
-        slot.adapter = adapter
+    def _idle_weights(self, module: str) -> _Weights:
+        """Zero weights for a slot whose adapter does not target `module`, shared by every slot."""
+        weights = self._idle.get(module)
+        if weights is None:
+            shape = self._shapes[module]
+            like = self._layers[module].lora_A[self._name].weight
+            rank = self._max_rank if self._padded else (1 if shape.kernel else 0)
+            shape_a, shape_b = shape.lora_shapes(rank)
+            weights = _Weights(
+                _parameter(torch.zeros(shape_a, dtype=like.dtype, device=like.device)),
+                _parameter(torch.zeros(shape_b, dtype=like.dtype, device=like.device)),
+            )
+            self._idle[module] = weights
+        return weights
 
 
-def _idle_rank(shape: LayerShape) -> int:
-    """The rank of a covered module the adapter does not target: none (a Conv2d needs one, of zeros)."""
-    return 1 if shape.kernel else 0
+def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """One batched copy (from pinned host memory on a GPU: asynchronous, ordered on the stream)."""
+    torch._foreach_copy_(targets, sources, non_blocking=True)
 
 
-def _set_weight(module: torch.nn.Module, weight: torch.Tensor) -> None:
-    module.weight = torch.nn.Parameter(weight, requires_grad=False)
-    if isinstance(module, torch.nn.Linear):
-        module.out_features, module.in_features = weight.shape
-    elif isinstance(module, torch.nn.Conv2d):
-        module.out_channels, module.in_channels = weight.shape[:2]
+def _parameter(tensor: torch.Tensor) -> torch.nn.Parameter:
+    return torch.nn.Parameter(tensor, requires_grad=False)
+
+
+def _set_enabled(layers: Iterable[LoraLayer], enabled: bool) -> None:
+    """Turn the LoRA layers on or off: PEFT's `enable_adapters` flag without its requires_grad walk
+    over every LoRA parameter (which costs milliseconds in a large model and matters only to training)."""
+    for layer in layers:
+        layer._disable_adapters = not enabled

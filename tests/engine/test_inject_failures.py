@@ -12,8 +12,12 @@ from fixtures.engine import image_bytes
 
 from omni_engine.errors import AdapterError, IncompatibleAdapterError
 from omni_engine.lora.request import LoRARequest
+from omni_engine.lora.synth import DEFAULT_TARGETS
 
 ENGINE_LOGGER = "omni.engine"
+# Adapters that target a layer no resident one does: loading one builds LoRA layers, which is where
+# diffusers and PEFT run (an adapter over covered layers is only copied into a slot).
+WIDER = (*DEFAULT_TARGETS, "proj_out")
 
 
 @pytest.fixture
@@ -21,7 +25,7 @@ def warm(omni_factory, make_adapter):
     """An engine holding one resident adapter and one held in host memory only, with their images."""
     omni = omni_factory(max_loras=2)
     good = LoRARequest("good", 1, str(make_adapter("good", seed=1)))
-    held = LoRARequest("held", 2, str(make_adapter("held", seed=2)))
+    held = LoRARequest("held", 2, str(make_adapter("held", seed=2, targets=WIDER)))
     omni.add_lora(held)
     images = {
         "base": image_bytes(omni.generate("a cup", seed=4)[0]),
@@ -104,7 +108,8 @@ def test_out_of_memory_propagates_unchanged_and_changes_nothing(
     warm, make_adapter, monkeypatch, caplog, stage, kind, which
 ):
     omni, good, held, images = warm
-    request = held if which == "held" else LoRARequest("new", 3, str(make_adapter("new", seed=3)))
+    new = LoRARequest("new", 3, str(make_adapter("new", seed=3, targets=WIDER)))
+    request = held if which == "held" else new
     before = _state(omni)
     error = OUT_OF_MEMORY[kind]()
     _fail_in_peft(monkeypatch, stage, error)
@@ -128,7 +133,7 @@ def test_out_of_memory_propagates_unchanged_and_changes_nothing(
 def test_an_error_raised_from_out_of_memory_propagates_the_out_of_memory(warm, make_adapter, monkeypatch):
     omni, good, _, images = warm
     before = _state(omni)
-    new = LoRARequest("new", 3, str(make_adapter("new")))  # before PEFT is made to fail
+    new = LoRARequest("new", 3, str(make_adapter("new", targets=WIDER)))  # before PEFT is made to fail
     oom = torch.OutOfMemoryError("CUDA out of memory (simulated)")
     wrapped = ValueError("could not load the weights")
     wrapped.__cause__ = oom
@@ -148,7 +153,7 @@ def test_an_error_diffusers_hides_behind_its_own_cleanup_error_is_not_an_adapter
     peft_config.pop), with the real error as context: the real one still decides."""
     omni, good, _, images = warm
     before = _state(omni)
-    new = LoRARequest("new", 3, str(make_adapter("new")))  # before PEFT is made to fail
+    new = LoRARequest("new", 3, str(make_adapter("new", targets=WIDER)))  # before PEFT is made to fail
     oom = torch.OutOfMemoryError("CUDA out of memory (simulated)")
     _fail_in_peft(monkeypatch, "before", oom)
     with pytest.raises(torch.OutOfMemoryError) as caught:
@@ -172,7 +177,7 @@ def test_a_refused_injection_logs_one_warning_and_no_diffusers_error(
     # test_adapter_errors.py), so PEFT's own refusal of one is simulated, as the ValueError it raises.
     omni, _, _, _ = warm
     before = _state(omni)
-    new = LoRARequest("new", 3, str(make_adapter("new")))  # before PEFT is made to fail
+    new = LoRARequest("new", 3, str(make_adapter("new", targets=WIDER)))  # before PEFT is made to fail
     _fail_in_peft(monkeypatch, stage, ValueError("Target module Foo is not supported (simulated)"))
     diffusers_logger = _diffusers_records(caplog)
     caplog.set_level(logging.DEBUG)

@@ -75,6 +75,19 @@ def test_pinned_adapter_is_never_evicted_and_a_full_pin_refuses_cleanly(omni_fac
     assert omni.generate("x", seed=1, lora_request=c)[0].metadata["adapter_source"] == "disk"
 
 
+def test_the_preloaded_adapter_cannot_be_removed_by_an_id_that_names_it(omni_factory, make_adapter):
+    path = str(make_adapter("preloaded"))
+    omni = omni_factory(lora_path=path)
+    request = LoRARequest("same-dir", 7, path)
+    assert omni.generate("x", seed=1, lora_request=request)[0].metadata["adapter_source"] == "resident"
+
+    with pytest.raises(ValueError, match="lora_int_id 7 names the engine's pre-loaded adapter"):
+        omni.remove_lora(7)
+    [info] = omni.list_loras()
+    assert info.pinned and info.resident and info.lora_int_ids == (7,)
+    assert omni.generate("x", seed=1, lora_request=request)[0].metadata["adapter_source"] == "resident"
+
+
 def test_identity_is_content_not_id(omni_factory, make_adapter):
     omni = omni_factory()
     path = str(make_adapter("a"))

@@ -28,6 +28,7 @@ def test_every_variable_is_read_and_typed() -> None:
             settings.ENV_MAX_LORAS: "2",
             settings.ENV_WINDOW: "8",
             settings.ENV_CACHE_DIR: "/cache",
+            settings.ENV_COMPILE: "inductor",
         }
     )
     assert env.broker_url == "redis://h:1/0"
@@ -35,12 +36,20 @@ def test_every_variable_is_read_and_typed() -> None:
     assert env.adapter_roots == ("/a", "/b")
     assert (env.max_loras, env.window, env.max_batch) == (2, 8, None)
     assert env.cache_dir == "/cache"
+    assert env.compile == "inductor"
 
 
 def test_a_malformed_number_names_the_variable_and_is_bad_usage() -> None:
     with pytest.raises(SettingsError, match=r"\$OMNI_WINDOW must be an integer, got 'lots'") as info:
         read_environment({settings.ENV_WINDOW: "lots"})
     assert isinstance(info.value, UsageError) and isinstance(info.value, ValueError)
+
+
+def test_task_events_are_on_unless_switched_off_and_a_bad_switch_is_named() -> None:
+    assert read_environment({}).task_events is True
+    assert read_environment({settings.ENV_TASK_EVENTS: "Off"}).task_events is False
+    with pytest.raises(SettingsError, match=r"\$OMNI_TASK_EVENTS must be one of .*, got 'maybe'"):
+        read_environment({settings.ENV_TASK_EVENTS: "maybe"})
 
 
 def test_the_process_environment_is_read_at_each_call(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -105,6 +105,28 @@ def test_run_cli_runs_a_file_end_to_end(tmp_path):
     assert len(list((out / "cli").glob("*.png"))) == 2
 
 
+def test_run_cli_with_a_compiled_denoiser_writes_every_image(tmp_path, make_adapter):
+    """--compile reaches the engine: a mixed-adapter file runs through the compiled denoiser.
+
+    The "eager" backend: dynamo's capture without inductor's code generation (minutes on this CPU).
+    """
+    make_adapter("a", rank=4)
+    make_adapter("b", rank=8)
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text("".join(f'{{"prompt": "p{i}", "adapter": "{a}"}}\n' for i, a in enumerate("abab")))
+    out = tmp_path / "out"
+    command = [str(OMNI_BATCH), "run", str(jobs_file), "--out", str(out), "--dataset", "compiled"]
+    command += ["--adapter-root", str(tmp_path / "adapters"), "--compile", "eager", "--max-loras", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(path.read_text()) for path in (out / "compiled").glob("*.json")]
+    assert sorted(r["job"]["adapter"] for r in records) == ["a", "a", "b", "b"]
+    assert all(r["status"] == "ok" for r in records) and len(list((out / "compiled").glob("*.png"))) == 4
+
+    refused = subprocess.run([*command, "--compile", "fastest"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--compile" in refused.stderr and "'fastest'" in refused.stderr
+
+
 def test_the_same_job_given_twice_runs_once(tmp_path):
     job = validate_job({"prompt": "twice", "dataset": "ds"})
     settings = WorkerSettings(output_uri=str(tmp_path / "out"))

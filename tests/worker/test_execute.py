@@ -12,6 +12,7 @@ import torch
 from fixtures.redis_server import free_port
 from moto.server import ThreadedMotoServer
 from PIL import Image
+from prometheus_client import REGISTRY
 
 from omni_engine import Omni
 from producer import layout
@@ -76,9 +77,12 @@ def test_a_result_is_stored_once_the_server_is_back(s3_server):
 def test_the_retry_budget_ends_with_a_clear_error(s3_server):
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens here
     storage = open_storage("s3://never-there/out", endpoint_url=endpoint)
-    error = store_with_retry(_result(storage), attempts=2, backoff_s=0.01)
+    retries_before = REGISTRY.get_sample_value("omni_storage_retries_total")
+    error = store_with_retry(_result(storage), attempts=3, backoff_s=0.01)
     assert isinstance(error, StorageUnavailableError)
     assert "never-there" in str(error) or endpoint in str(error)
+    # Three attempts, two retries: what an operator's storage-retry graph shows.
+    assert REGISTRY.get_sample_value("omni_storage_retries_total") == retries_before + 2
 
 
 def test_a_batch_that_runs_out_of_memory_is_split_and_every_job_completes(tmp_path):
