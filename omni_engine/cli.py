@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adapters = subparsers.add_parser("adapters", help="inspect LoRA adapters")
     commands = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
     validate = commands.add_parser("validate", help="check an adapter against a model, print what it targets")
-    validate.add_argument("directory", help="the adapter directory (PEFT or diffusers layout)")
+    validate.add_argument(
+        "directory", help="the adapter directory, or its weights file (PEFT, diffusers or kohya layout)"
+    )
     validate.add_argument(
         "--model",
         default=None,
@@ -52,7 +54,9 @@ def validate_command(args: argparse.Namespace) -> int:
     name = os.path.basename(os.path.normpath(args.directory)) or args.directory
     try:
         model = load_model(model_id, device=torch.device("cpu"), dtype=torch.float32)
-        adapter = read_adapter(args.directory, name=name, component=model.denoiser_name, roots=None)
+        adapter = read_adapter(
+            args.directory, name=name, component=model.denoiser_name, roots=None, converter=model.converter
+        )
         check_compatible(adapter, adaptable_layers(model.denoiser), max_rank=args.max_lora_rank)
     except (AdapterError, ModelError) as e:
         print(f"invalid: {e}", file=sys.stderr)
@@ -70,6 +74,7 @@ def validate_command(args: argparse.Namespace) -> int:
         "use_rslora": adapter.config.use_rslora,
         "layers": len(adapter.modules),
         "targets": dict(sorted(kinds.items())),
+        "notes": list(adapter.notes),
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -84,4 +89,6 @@ def validate_command(args: argparse.Namespace) -> int:
             f"  {len(adapter.modules)} layers: "
             + ", ".join(f"{k} x{v}" for k, v in report["targets"].items())
         )
+        for note in adapter.notes:
+            print(f"  note: {note}")
     return EXIT_OK

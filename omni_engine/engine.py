@@ -92,6 +92,7 @@ class Omni:
             adapter_roots=list(adapter_roots) if adapter_roots is not None else None,
             max_adapter_bytes=max_adapter_bytes,
             pin_host_memory=self.device.type == "cuda",
+            converter=self._model.converter,
             padded_slots=self.compile is not None,
         )
         if self.compile is not None:

@@ -27,7 +27,7 @@ class AdapterResolver:
             candidate = os.path.realpath(os.path.join(root, name))
             if not (candidate == root or candidate.startswith(root + os.sep)):
                 raise AdapterAccessError(name, "resolves outside the worker's adapter roots")
-            if os.path.isdir(candidate):
+            if os.path.isdir(candidate) or os.path.isfile(candidate):  # a directory, or one weights file
                 lora_id = self._ids.setdefault(candidate, len(self._ids) + 1)
                 return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=candidate)
         raise AdapterNotFoundError(name, f"not found under the adapter roots ({len(self.roots)} searched)")

@@ -11,18 +11,27 @@ from pathlib import Path
 
 import torch
 
-from omni_engine.errors import IncompatibleAdapterError, InvalidAdapterError
+from omni_engine.errors import InvalidAdapterError
 from omni_engine.lora.config import AdapterConfig
-from omni_engine.lora.paths import file_sha256, read_capped, resolve_adapter_dir, resolve_file
+from omni_engine.lora.formats import (
+    PEFT_PREFIX,
+    Converter,
+    KeyLayout,
+    default_config,
+    from_kohya,
+    is_kohya,
+    module_tensors,
+)
+from omni_engine.lora.paths import file_sha256, read_capped, resolve_adapter_path, resolve_file
 from omni_engine.lora.safetensors_file import read_safetensors
 
 CONFIG_FILE = "adapter_config.json"
-# PEFT's name first, then the name diffusers' save_lora_weights uses.
+# PEFT's name first, then the name diffusers' save_lora_weights uses. A directory with neither may
+# hold one other .safetensors file (a kohya or a renamed diffusers file), which is then the weights.
 WEIGHT_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
+WEIGHT_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
-PEFT_PREFIX = "base_model.model."
-LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 # Largest weights file read (Omni's max_adapter_bytes), and largest config: a LoRA is megabytes.
 DEFAULT_MAX_ADAPTER_BYTES = 2 * 1024**3
 MAX_CONFIG_BYTES = 1024**2
@@ -63,6 +72,8 @@ class LoRAAdapter:
     nbytes: int
     signature: Signature
     checked_ns: int
+    # How the file was read where it was not plain PEFT/diffusers with a config (`adapters validate`).
+    notes: tuple[str, ...] = ()
 
     @property
     def key(self) -> AdapterKey:
@@ -88,25 +99,49 @@ class LoRAAdapter:
         )
 
 
-def _files(directory: Path, roots: tuple[Path, ...] | None, *, adapter: str) -> tuple[Path | None, Path]:
-    config = resolve_file(directory, CONFIG_FILE, roots, adapter=adapter)
+def _files(location: Path, roots: tuple[Path, ...] | None, *, adapter: str) -> tuple[Path | None, Path]:
+    """(config file or None, weights file) of an adapter directory, or of a weights file given itself."""
+    if location.is_file():
+        if location.suffix in PICKLE_SUFFIXES:
+            raise InvalidAdapterError(adapter, _pickle_refusal([location.name]))
+        if location.suffix != WEIGHT_SUFFIX:
+            raise InvalidAdapterError(
+                adapter,
+                f"{location.name} is not a {WEIGHT_SUFFIX} file (weights are read from safetensors only)",
+            )
+        return None, location
+    config = resolve_file(location, CONFIG_FILE, roots, adapter=adapter)
     for name in WEIGHT_FILES:
-        weights = resolve_file(directory, name, roots, adapter=adapter)
+        weights = resolve_file(location, name, roots, adapter=adapter)
         if weights is not None:
             return config, weights
-    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
+    others = sorted(p.name for p in location.iterdir() if p.suffix == WEIGHT_SUFFIX)
+    if len(others) == 1:
+        return config, resolve_file(location, others[0], roots, adapter=adapter)
+    accepted = f"{WEIGHT_FILES[0]} or {WEIGHT_FILES[1]}"
+    if others:
         raise InvalidAdapterError(
             adapter,
-            f"only pickle weights ({', '.join(pickles)}); they are never loaded because unpickling can run "
-            f"code: convert them to {WEIGHT_FILES[0]}",
+            f"no {accepted} in {location}, and {len(others)} other {WEIGHT_SUFFIX} files "
+            f"({', '.join(others[:5])}): name the file itself, or keep one",
         )
-    raise InvalidAdapterError(adapter, f"no {WEIGHT_FILES[0]} in {directory}")
+    pickles = sorted(p.name for p in location.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise InvalidAdapterError(adapter, _pickle_refusal(pickles))
+    raise InvalidAdapterError(adapter, f"no {accepted} (nor any other {WEIGHT_SUFFIX} file) in {location}")
+
+
+def _pickle_refusal(names: list[str]) -> str:
+    return (
+        f"only pickle weights ({', '.join(names)}); they are never loaded because unpickling can run "
+        f"code: convert them to {WEIGHT_FILES[0]}"
+    )
 
 
 def signature(path: str, roots: tuple[Path, ...] | None, *, adapter: str) -> tuple[Path, Signature]:
-    """The canonical directory and the stat of the files a read would use (config first, weights last)."""
-    directory = resolve_adapter_dir(path, roots, adapter=adapter)
+    """The canonical location (directory or weights file) and the stat of the files a read would use
+    (config first, weights last)."""
+    directory = resolve_adapter_path(path, roots, adapter=adapter)
     files = [f for f in _files(directory, roots, adapter=adapter) if f is not None]
     stats = []
     for f in files:
@@ -143,15 +178,26 @@ def read_adapter(
     component: str,
     roots: tuple[Path, ...] | None,
     max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+    converter: Converter | None = None,
 ) -> LoRAAdapter:
-    """Resolve, read and check an adapter. `component` is the model part keys may be prefixed with."""
+    """Resolve, read and check an adapter. `component` is the model part keys may be prefixed with;
+    `converter` is the model's reader of kohya/A1111 files (formats.converter_for)."""
     checked_ns = time.time_ns()  # before the stat: see LoRAAdapter.racy
     directory, sig = signature(path, roots, adapter=name)
     config_file, weights_file = _files(directory, roots, adapter=name)
     weights = read_safetensors(weights_file, adapter=name, max_bytes=max_bytes)
 
+    raw, notes = weights.tensors, ()
+    kohya = is_kohya(list(raw))
+    if kohya:
+        raw = from_kohya(raw, converter, adapter=name)
+        notes = (f"a kohya/A1111 file, converted by diffusers' {converter.pipeline} converter",)
+    tensors, layout = module_tensors(raw, component, adapter=name)
     config_sha256 = None
-    if config_file is not None:
+    if kohya:
+        # Its alphas are folded into lora_B: alpha = r for every module.
+        config = AdapterConfig.from_dict(default_config(tensors), adapter=name, source="kohya alphas")
+    elif config_file is not None:
         config_bytes = read_capped(config_file, MAX_CONFIG_BYTES, adapter=name)
         config_sha256 = hashlib.sha256(config_bytes).hexdigest()
         try:
@@ -165,12 +211,21 @@ def read_adapter(
             adapter=name,
             source=f"{weights_file.name} header",
         )
-    else:
+    elif layout is KeyLayout.PEFT:
         raise InvalidAdapterError(
-            name, f"no {CONFIG_FILE} and no {DIFFUSERS_METADATA_KEY} in the {weights_file.name} header"
+            name,
+            f"no {CONFIG_FILE}: PEFT's layout ({PEFT_PREFIX}...) needs its config beside the weights "
+            f"(and no {DIFFUSERS_METADATA_KEY} in the {weights_file.name} header either)",
+        )
+    else:
+        # What diffusers does with such a file: alpha = r for every module (scale 1 x B @ A).
+        config = AdapterConfig.from_dict(default_config(tensors), adapter=name, source="defaults")
+        notes = (
+            *notes,
+            f"no {CONFIG_FILE} and no {DIFFUSERS_METADATA_KEY} in the header: lora_alpha = r for every "
+            "module, as diffusers assumes",
         )
 
-    tensors = _module_tensors(weights.tensors, component, adapter=name)
     ranks = _ranks(tensors, config, adapter=name)
     return LoRAAdapter(
         name=name,
@@ -183,6 +238,7 @@ def read_adapter(
         nbytes=weights.nbytes,
         signature=sig,
         checked_ns=checked_ns,
+        notes=notes,
     )
 
 
@@ -198,44 +254,6 @@ def _diffusers_metadata(raw: str, component: str, *, adapter: str) -> dict:
     if any(k.startswith(prefix) for k in data):
         return {k.removeprefix(prefix): v for k, v in data.items() if k.startswith(prefix)}
     return data
-
-
-def _module_tensors(
-    tensors: dict[str, torch.Tensor], component: str, *, adapter: str
-) -> dict[str, torch.Tensor]:
-    """Map both key layouts to `<module>.lora_A.weight`, module paths relative to the model part."""
-    out: dict[str, torch.Tensor] = {}
-    foreign: set[str] = set()
-    unsupported: list[str] = []
-    for key, tensor in tensors.items():
-        if key.startswith(PEFT_PREFIX):
-            rest = key.removeprefix(PEFT_PREFIX)
-        elif key.startswith(f"{component}."):
-            rest = key.removeprefix(f"{component}.")
-        elif "." in key and ".lora_" in key:
-            foreign.add(key.split(".", 1)[0])
-            continue
-        else:
-            unsupported.append(key)
-            continue
-        if not rest.endswith(LORA_SUFFIXES):
-            unsupported.append(key)
-            continue
-        out[rest] = tensor
-    if unsupported:
-        shown = ", ".join(sorted(unsupported)[:3])
-        raise InvalidAdapterError(
-            adapter,
-            f"unsupported weight key(s) {shown}: expected PEFT LoRA keys "
-            f"'{PEFT_PREFIX}<module>.lora_A.weight' or '{component}.<module>.lora_A.weight' "
-            "(DoRA, LoRA biases and other formats are not supported)",
-        )
-    if foreign:
-        raise IncompatibleAdapterError(
-            adapter,
-            f"has weights for {', '.join(sorted(foreign))}; only the model's {component} can be adapted",
-        )
-    return out
 
 
 def _ranks(tensors: dict[str, torch.Tensor], config: AdapterConfig, *, adapter: str) -> dict[str, int]:

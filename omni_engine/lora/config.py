@@ -69,7 +69,9 @@ class AdapterConfig:
             raise InvalidAdapterError(adapter, f"{source}: expected a JSON object, got {type(data).__name__}")
         problems: list[str] = []
 
-        unknown = sorted(set(data) - _lora_config_fields())
+        # A null key this PEFT does not know is ignored, as PEFT ignores it (a newer PEFT's option
+        # left unset); any other value might change what the adapter computes.
+        unknown = sorted(k for k in set(data) - _lora_config_fields() if data[k] is not None)
         if unknown:
             problems.append(f"unknown key(s) {', '.join(unknown)}")
         peft_type = data.get("peft_type", "LORA")

@@ -28,6 +28,7 @@ from omni_engine.lora.adapter import (
     read_adapter,
     signature,
 )
+from omni_engine.lora.formats import Converter
 from omni_engine.lora.layers import adaptable_layers, check_compatible
 from omni_engine.lora.load_failures import adapter_fault, log_refusal
 from omni_engine.lora.lru import LRUCache
@@ -94,6 +95,7 @@ class LoRAManager:
         adapter_roots: list[str] | None,
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
         pin_host_memory: bool = False,
+        converter: Converter | None = None,
         padded_slots: bool = False,
     ) -> None:
         if max_loras < 1:
@@ -107,6 +109,7 @@ class LoRAManager:
             raise ValueError(f"max_lora_rank must be >= 1, got {max_lora_rank}")
         self._model = model
         self._component = component
+        self._converter = converter
         self._layers = adaptable_layers(model)
         self._max_rank = max_lora_rank
         self._roots = canonical_roots(adapter_roots)
@@ -330,6 +333,7 @@ class LoRAManager:
             component=self._component,
             roots=self._roots,
             max_bytes=self._max_adapter_bytes,
+            converter=self._converter,
         )
         check_compatible(adapter, self._layers, max_rank=self._max_rank)
         if self._pin_host_memory:

@@ -23,14 +23,15 @@ def _check_inside(path: Path, roots: tuple[Path, ...] | None, *, adapter: str, s
         raise AdapterAccessError(adapter, f"{shown} resolves outside the allowed adapter roots")
 
 
-def resolve_adapter_dir(path: str | os.PathLike, roots: tuple[Path, ...] | None, *, adapter: str) -> Path:
-    """The adapter's canonical directory. Access is checked before existence, so nothing leaks."""
+def resolve_adapter_path(path: str | os.PathLike, roots: tuple[Path, ...] | None, *, adapter: str) -> Path:
+    """The adapter's canonical directory, or weights file when given one. Access is checked before
+    existence, so nothing leaks."""
     resolved = Path(os.path.realpath(os.path.expanduser(path)))
     _check_inside(resolved, roots, adapter=adapter, shown=f"path {os.fspath(path)!r}")
     if not resolved.exists():
-        raise AdapterNotFoundError(adapter, f"no such directory {os.fspath(path)!r}")
-    if not resolved.is_dir():
-        raise AdapterNotFoundError(adapter, f"{os.fspath(path)!r} is not a directory")
+        raise AdapterNotFoundError(adapter, f"no such directory or file {os.fspath(path)!r}")
+    if not (resolved.is_dir() or resolved.is_file()):
+        raise AdapterNotFoundError(adapter, f"{os.fspath(path)!r} is neither a directory nor a file")
     return resolved
 
 

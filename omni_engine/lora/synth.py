@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from omni_engine.lora.adapter import DIFFUSERS_METADATA_KEY, PEFT_PREFIX
+from omni_engine.lora.adapter import DIFFUSERS_METADATA_KEY
+from omni_engine.lora.formats import PEFT_PREFIX
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LAYOUTS = ("peft", "diffusers")
@@ -54,12 +55,7 @@ def write_random_adapter(
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in base.parameters()):
         base = base.to("cpu", torch.float32)
     peft_model = get_peft_model(base, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                fan_in = param.shape[1] if param.ndim > 1 else 1
-                param.copy_(torch.randn(param.shape, generator=generator) * std / fan_in**0.5)
+    randomize_lora(peft_model, seed=seed, std=std)
     peft_model.save_pretrained(path, safe_serialization=True)
 
     if layout == "diffusers":
@@ -74,3 +70,13 @@ def write_random_adapter(
         weights_file.unlink()
         config_file.unlink()
     return path
+
+
+def randomize_lora(model: torch.nn.Module, *, seed: int, std: float = 2.0) -> None:
+    """Fill every LoRA weight in `model` with seeded noise (lora_B too, which PEFT starts at zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                fan_in = param.shape[1] if param.ndim > 1 else 1
+                param.copy_(torch.randn(param.shape, generator=generator) * std / fan_in**0.5)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from omni_engine.errors import ModelError
+from omni_engine.lora.formats import Converter, converter_for
 from omni_engine.models.presets import PRESETS, ensure_preset
 
 # The model component LoRA adapters apply to, in the order a pipeline is searched for it.
@@ -34,6 +35,7 @@ class LoadedModel:
     denoiser_name: str
     defaults: GenerationDefaults
     size_multiple: int
+    converter: Converter | None = None  # the pipeline's reader of kohya/A1111 LoRA files
 
 
 def quiet_library_output() -> None:
@@ -102,7 +104,10 @@ def load_model(model: str, *, device: torch.device, dtype: torch.dtype) -> Loade
     if not hasattr(denoiser, "load_lora_adapter"):
         raise ModelError(f"model {model!r}: its {name} does not support LoRA adapters (no PEFT integration)")
 
-    vae_factor = getattr(pipeline, "vae_scale_factor", 8)
+    # The pipeline's image processor knows its latent packing (Flux packs 2x2: twice the VAE's factor).
+    processor = getattr(pipeline, "image_processor", None)
+    vae_factor = getattr(getattr(processor, "config", None), "vae_scale_factor", None)
+    vae_factor = vae_factor or getattr(pipeline, "vae_scale_factor", 8)
     patch_size = getattr(denoiser.config, "patch_size", None) or 1
     return LoadedModel(
         model_id=model,
@@ -111,4 +116,5 @@ def load_model(model: str, *, device: torch.device, dtype: torch.dtype) -> Loade
         denoiser_name=name,
         defaults=defaults,
         size_multiple=int(vae_factor * patch_size),
+        converter=converter_for(pipeline, denoiser),
     )

@@ -1,4 +1,4 @@
-"""Built-in offline models: real StableDiffusion3Pipelines with random weights, built from configs.
+"""Built-in offline models: real SD3, SDXL and Flux pipelines with random weights, built from configs.
 
 They exercise the real pipeline and the real loading path (`from_pretrained`) with no model
 hub: built once, deterministically (fixed seeds), saved to a cache directory, loaded from there.
@@ -13,17 +13,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from omni_engine.models.builders import BUILDERS
 from producer.settings import read_environment
 
 PRESET_FORMAT_VERSION = 1
 # The model an engine serves when none is named: the test-sized preset below.
 DEFAULT_MODEL = "tiny-sd3"
-CLIP_MAX_LENGTH = 77
 
 
 @dataclass(frozen=True)
 class PresetSpec:
-    """Sizes of a random SD3 pipeline, and the generation defaults that suit it."""
+    """Sizes of a random pipeline of one family (builders.BUILDERS), and the generation defaults that
+    suit it. Fields a family does not use keep their defaults."""
 
     name: str
     num_layers: int
@@ -37,6 +38,9 @@ class PresetSpec:
     default_size: int
     default_steps: int
     default_guidance: float
+    family: str = "sd3"
+    num_single_layers: int = 0  # Flux: single-stream blocks after the num_layers double-stream ones
+    unet_channels: tuple[int, ...] = ()  # SDXL: the UNet's block_out_channels
 
 
 PRESETS: dict[str, PresetSpec] = {
@@ -70,6 +74,39 @@ PRESETS: dict[str, PresetSpec] = {
         default_steps=2,
         default_guidance=5.0,
     ),
+    # The same scale as tiny-sd3 for the other two families LoRAs are made for.
+    "tiny-sdxl": PresetSpec(
+        name="tiny-sdxl",
+        family="sdxl",
+        num_layers=0,
+        num_attention_heads=2,
+        attention_head_dim=0,
+        joint_attention_dim=0,
+        unet_channels=(8, 16),
+        text_hidden_size=32,
+        text_layers=2,
+        vae_channels=(4,),
+        patch_size=1,
+        default_size=32,
+        default_steps=2,
+        default_guidance=5.0,
+    ),
+    "tiny-flux": PresetSpec(
+        name="tiny-flux",
+        family="flux",
+        num_layers=1,
+        num_single_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        joint_attention_dim=32,
+        text_hidden_size=32,
+        text_layers=2,
+        vae_channels=(4,),
+        patch_size=1,
+        default_size=32,
+        default_steps=2,
+        default_guidance=3.5,
+    ),
 }
 
 
@@ -87,7 +124,8 @@ def ensure_preset(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        pipeline = build_pipeline(PRESETS[name])
+        spec = PRESETS[name]
+        pipeline = BUILDERS[spec.family](spec)
         pipeline.save_pretrained(staging, safe_serialization=True)
         _record_absent_components(staging, pipeline)
         try:
@@ -110,109 +148,3 @@ def _record_absent_components(path: Path, pipeline) -> None:
     for component in pipeline._get_signature_keys(pipeline)[0]:
         index.setdefault(component, [None, None])
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True))
-
-
-def _byte_chars() -> list[str]:
-    """The 256 printable stand-ins that byte-level BPE uses for raw bytes (GPT-2's table)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
-def _clip_tokenizer():
-    """A byte-level CLIP tokenizer built in memory: every byte is a token, no merges."""
-    from transformers import CLIPTokenizer
-
-    chars = _byte_chars()
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in chars:
-        vocab[char] = len(vocab)
-    for char in chars:
-        vocab[char + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)
-
-
-def build_pipeline(spec: PresetSpec):
-    """Build the pipeline from configs; every component seeded and in eval mode."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    tokenizer = _clip_tokenizer()
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.text_hidden_size,
-        intermediate_size=spec.text_hidden_size * 2,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=4,
-        projection_dim=spec.text_hidden_size,
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_act="gelu",
-    )
-    inner_dim = spec.num_attention_heads * spec.attention_head_dim
-    latent_size = spec.default_size // 2 ** (len(spec.vae_channels) - 1)
-
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
-        sample_size=latent_size,
-        patch_size=spec.patch_size,
-        in_channels=4,
-        out_channels=4,
-        num_layers=spec.num_layers,
-        attention_head_dim=spec.attention_head_dim,
-        num_attention_heads=spec.num_attention_heads,
-        joint_attention_dim=spec.joint_attention_dim,
-        caption_projection_dim=inner_dim,
-        # The pipeline concatenates both CLIP projections: twice the projection dim.
-        pooled_projection_dim=2 * spec.text_hidden_size,
-    )
-    torch.manual_seed(1)
-    text_encoder = CLIPTextModelWithProjection(text_config)
-    torch.manual_seed(2)
-    text_encoder_2 = CLIPTextModelWithProjection(text_config)
-    torch.manual_seed(3)
-    vae = AutoencoderKL(
-        sample_size=spec.default_size,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
-        block_out_channels=spec.vae_channels,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=min(spec.vae_channels),
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
-    for module in (transformer, text_encoder, text_encoder_2, vae):
-        module.eval()
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=_clip_tokenizer(),
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )

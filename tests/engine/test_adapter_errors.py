@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.engine import image_bytes
+from fixtures.engine import TINY_MODELS, denoiser_for, image_bytes
 from fixtures.hostile import Exploit
 from safetensors.torch import load_file, save_file
 
@@ -122,7 +122,7 @@ def _build(case: str, make, tmp: Path) -> tuple[str, type[AdapterError], str]:
 
         return str(_rewrite(good(), widen)), IncompatibleAdapterError, "shape mismatch"
     if case == "rank-too-large":
-        return str(make(case, rank=16)), IncompatibleAdapterError, "max_lora_rank=8"
+        return str(make(case, rank=16, targets=("to_q",))), IncompatibleAdapterError, "max_lora_rank=8"
     if case == "other-component":
         path = good()
 
@@ -156,13 +156,20 @@ CASES = [
 ]
 
 
+# Every case on every model family.
+pytestmark = pytest.mark.parametrize("tiny_model", TINY_MODELS, scope="module")
+
+
 @pytest.fixture(scope="module")
-def warm_engine(tmp_path_factory, tiny_transformer):
+def warm_engine(tmp_path_factory, tiny_model, denoisers):
     """One engine holding a good adapter; every failure below must leave it exactly as it is."""
     from omni_engine.lora.synth import write_random_adapter
 
-    good = write_random_adapter(tmp_path_factory.mktemp("good") / "good", tiny_transformer, seed=5)
-    omni = Omni("tiny-sd3", device="cpu", max_lora_rank=8, max_adapter_bytes=MAX_BYTES)
+    component, denoiser = denoiser_for(tiny_model, denoisers)
+    good = write_random_adapter(
+        tmp_path_factory.mktemp("good") / "good", denoiser, seed=5, component=component
+    )
+    omni = Omni(tiny_model, device="cpu", max_lora_rank=8, max_adapter_bytes=MAX_BYTES)
     request = LoRARequest("good", 1, str(good))
     expected = {
         "base": image_bytes(omni.generate("a cup", seed=4)[0]),

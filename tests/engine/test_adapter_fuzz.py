@@ -32,7 +32,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from omni_engine.errors import AdapterError
-from omni_engine.lora.adapter import DIFFUSERS_METADATA_KEY, LORA_SUFFIXES, LoRAAdapter, read_adapter
+from omni_engine.lora.adapter import DIFFUSERS_METADATA_KEY, LoRAAdapter, read_adapter
+from omni_engine.lora.formats import LORA_SUFFIXES
 from omni_engine.lora.layers import LayerShape, adaptable_layers, check_compatible
 
 CONFIG = "adapter_config.json"

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-from fixtures.engine import image_bytes, peft_reference
+from fixtures.engine import TINY_MODELS, image_bytes, peft_reference
 
 from omni_engine.lora import fusion
 from omni_engine.lora.fuse_mode import FuseMode
@@ -62,7 +62,10 @@ def test_unfused_calls_between_fused_ones_leave_the_weights_as_loaded(omni_facto
     assert image_bytes(output) == unfused_before
 
 
-def test_a_fused_image_matches_peft_merged_and_unfused_within_rounding(omni_factory, make_adapter):
+@pytest.mark.parametrize("tiny_model", TINY_MODELS)
+def test_a_fused_image_matches_peft_merged_and_unfused_within_rounding(
+    omni_factory, make_adapter, tiny_model
+):
     adapter_dir = make_adapter("a", rank=8, alpha=32, targets=("to_q", "to_v", "proj_out", "ff.net.2"))
     request = LoRARequest("a", 1, str(adapter_dir))
     fused = _pixels(omni_factory(fuse="always").generate(PROMPT, seed=SEED, lora_request=request)[0])
@@ -70,7 +73,7 @@ def test_a_fused_image_matches_peft_merged_and_unfused_within_rounding(omni_fact
     base = _pixels(unfused_omni.generate(PROMPT, seed=SEED)[0])
     unfused = _pixels(unfused_omni.generate(PROMPT, seed=SEED, lora_request=request)[0])
 
-    merged = peft_reference(adapter_dir, PROMPT, SEED, merged=True)
+    merged = peft_reference(adapter_dir, PROMPT, SEED, merged=True, model=tiny_model)
 
     assert np.abs(fused - base).max() > 8, "the adapter should visibly change the image"
     assert np.abs(fused - merged).max() <= 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from fixtures.engine import image_bytes
+from fixtures.engine import TINY_MODELS, image_bytes
 
 from omni_engine import Omni
 from omni_engine.lora.request import LoRARequest
@@ -28,6 +28,7 @@ def test_seed_example_runs_as_written_and_loads_nothing_twice(make_adapter):
     assert info.pinned and info.resident and info.lora_int_ids == (1,)
 
 
+@pytest.mark.parametrize("tiny_model", TINY_MODELS)
 def test_lora_changes_the_image_and_adapters_differ(omni_factory, make_adapter):
     omni = omni_factory()
     a = LoRARequest("a", 1, str(make_adapter("a")))
@@ -38,6 +39,7 @@ def test_lora_changes_the_image_and_adapters_differ(omni_factory, make_adapter):
     assert len({base, with_a, with_b}) == 3
 
 
+@pytest.mark.parametrize("tiny_model", TINY_MODELS)
 def test_scale_zero_is_the_base_model_bit_for_bit(omni_factory, make_adapter):
     omni = omni_factory()
     request = LoRARequest("a", 1, str(make_adapter("a")))

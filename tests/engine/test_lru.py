@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from fixtures.engine import image_bytes
+from fixtures.engine import TINY_MODELS, image_bytes
 
 from omni_engine.errors import AdapterNotFoundError, LoRACapacityError
 from omni_engine.lora.lru import LRUCache
@@ -31,6 +31,7 @@ def test_lru_cache_evicts_least_recent_unpinned_and_tells_its_owner():
     assert cache.remove("a") == 1 and not cache.is_pinned("a")
 
 
+@pytest.mark.parametrize("tiny_model", TINY_MODELS)
 def test_scripted_sequence_counts_every_tier(omni_factory, make_adapter):
     omni = omni_factory(max_loras=2, max_cpu_loras=3)
     paths = {name: str(make_adapter(name)) for name in "abcd"}

@@ -49,6 +49,17 @@ def test_a_runnable_job_becomes_a_pending_item_keyed_by_its_adapter_path(
     assert (pending.job_id, pending.priority, pending.payload) == (job.job_id, 7, "mine")
 
 
+def test_an_adapter_named_by_its_weights_file_resolves_to_that_file(
+    admission: Admission, tmp_path: Path
+) -> None:
+    weights = tmp_path / "adapters" / "styles" / "ink" / "ink_v2.safetensors"
+    weights.write_bytes(b"")  # resolving only checks the name; the engine reads and checks the file
+    job = validate_job({"prompt": "a cat", "adapter": "styles/ink/ink_v2.safetensors"})
+    item = admission.admit(job, admission.storage_for(job))
+    assert isinstance(item, WorkItem)
+    assert to_pending(item, payload=None).adapter == str(weights.resolve())
+
+
 def test_a_job_with_no_output_anywhere_is_refused() -> None:
     admission = Admission(WorkerSettings())
     with pytest.raises(InvalidStorageURIError, match="no output"):
