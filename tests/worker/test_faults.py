@@ -1,7 +1,10 @@
-"""Faults on real processes: workers killed and stopped, Redis and S3 going away, poison jobs.
+"""Faults on real processes: workers killed and stopped, the broker and S3 going away, poison jobs.
 
-Every test starts its own servers so it can kill them. Workers here use a visibility timeout of a
-few seconds so that a dead worker's jobs come back quickly; production uses 7200 s (see README).
+Tests whose behaviour is the same on both brokers run on each (`broker`, `restartable_broker`:
+Redis and RabbitMQ); the rest are Redis's own. Every test starts its own servers so it can kill
+them. Workers here use a visibility timeout of a few seconds so that a dead worker's jobs come back
+quickly from Redis; production uses 7200 s (see README). RabbitMQ returns them when the connection
+closes.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import time
 
 import boto3
 import pytest
+from fixtures.brokers import wait_for_counts
 from fixtures.embedded import assert_same_images_as_embedded
-from fixtures.redis_server import free_port, queued_messages
+from fixtures.redis_server import free_port
 from fixtures.worker_process import ADAPTERS, wait_settled, worker_flags
 from moto.server import ThreadedMotoServer
 
@@ -65,19 +69,19 @@ def _assert_each_once_with_the_right_bytes(storage, jobs, adapter_root, tmp_path
 
 
 def test_kill_9_mid_group_loses_nothing_and_duplicates_nothing(
-    redis_url, s3_bucket, six_adapters, start_worker, short_visibility, tmp_path
+    broker, s3_bucket, six_adapters, start_worker, short_visibility, tmp_path
 ):
     jobs = _jobs("killed", 24)
-    with Client(redis_url) as client:
+    with Client(broker.url) as client:
         client.submit_many(jobs)
     storage = open_storage(s3_bucket.uri)
     first = start_worker(
-        *worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL)
+        *worker_flags(broker.url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL)
     )
     _wait_for(lambda: any(k.endswith(".json") for k in storage.list_keys("killed/")), "a first sidecar")
     first.stop(signal.SIGKILL)
 
-    start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL))
+    start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL))
     wait_settled(storage, "killed", (j.job_id for j in jobs))
     _assert_each_once_with_the_right_bytes(storage, jobs, six_adapters, tmp_path)
 
@@ -103,49 +107,47 @@ def test_a_job_redelivered_while_held_is_not_lost_when_the_worker_dies(
     _assert_each_once_with_the_right_bytes(storage, jobs, six_adapters, tmp_path)
 
 
-def test_warm_shutdown_returns_buffered_jobs_at_once(
-    redis_url, redis_server, s3_bucket, six_adapters, start_worker
-):
+def test_warm_shutdown_returns_buffered_jobs_at_once(broker, s3_bucket, six_adapters, start_worker):
     jobs = _jobs("buffered", 5)
-    with Client(redis_url) as client:
+    with Client(broker.url) as client:
         client.submit_many(jobs)
     # Never idle long enough to run a group: every job stays buffered, reserved but not started.
-    worker = start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "3600"))
-    redis = redis_server.client()
-    _wait_for(lambda: redis.hlen("unacked") == 5 and not queued_messages(redis, "omni"), "all 5 reserved")
+    worker = start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri, "--idle", "3600"))
+    wait_for_counts(broker, lambda ready, unacked: (ready, unacked) == (0, 5), "all 5 reserved", timeout=120)
 
     assert worker.stop(signal.SIGTERM) == 0
     # The visibility timeout is 7200 s here: only the shutdown can have put them back.
-    _wait_for(lambda: len(queued_messages(redis, "omni")) == 5, "the jobs back in the queue", timeout=15)
-    assert redis.hlen("unacked") == 0
+    wait_for_counts(
+        broker, lambda ready, unacked: (ready, unacked) == (5, 0), "the jobs back in the queue", timeout=15
+    )
     assert not any(storage_key.endswith(".png") for storage_key in open_storage(s3_bucket.uri).list_keys())
 
 
-def test_redis_restart_with_persistence_keeps_queued_jobs_and_workers_reconnect(
-    redis_server_factory, s3_bucket, six_adapters, start_worker, short_visibility, tmp_path
+def test_broker_restart_with_persistence_keeps_queued_jobs_and_workers_reconnect(
+    restartable_broker, s3_bucket, six_adapters, start_worker, short_visibility, tmp_path
 ):
-    redis = redis_server_factory(persistent=True)
+    broker = restartable_broker
     jobs = _jobs("restart", 12)
-    with Client(redis.url) as client:
+    with Client(broker.url) as client:
         client.submit_many(jobs)
-    redis.kill()
-    # While Redis is down a producer gets a clear error, never a silent loss.
-    with Client(redis.url) as client, pytest.raises(BrokerUnavailableError, match=r"127\.0\.0\.1"):
+    broker.kill()
+    # While the broker is down a producer gets a clear error, never a silent loss.
+    with Client(broker.url) as client, pytest.raises(BrokerUnavailableError, match=r"127\.0\.0\.1"):
         client.submit_many(_jobs("restart-late", 1))
-    redis.start()
-    assert len(queued_messages(redis.client(), "omni")) == 12, "the append-only file kept the queue"
+    broker.start()
+    assert broker.counts() == (12, 0), "the broker's persistence kept the queue"
 
     storage = open_storage(s3_bucket.uri)
-    start_worker(*worker_flags(redis.url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL))
+    start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL))
     _wait_for(lambda: any(k.endswith(".json") for k in storage.list_keys("restart/")), "a first sidecar")
-    redis.kill()
-    redis.start()  # same port: the worker reconnects on its own
+    broker.kill()
+    broker.start()  # same port: the worker reconnects on its own
     wait_settled(storage, "restart", (j.job_id for j in jobs))
     _assert_each_once_with_the_right_bytes(storage, jobs, six_adapters, tmp_path)
 
 
 def test_s3_outage_is_waited_out_without_regenerating(
-    redis_url, six_adapters, start_worker, s3_server, monkeypatch
+    broker, six_adapters, start_worker, s3_server, monkeypatch
 ):
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
@@ -155,9 +157,9 @@ def test_s3_outage_is_waited_out_without_regenerating(
     s3.stop()
 
     jobs = _jobs("outage", 4)
-    with Client(redis_url) as client:
+    with Client(broker.url) as client:
         client.submit_many(jobs)
-    flags = worker_flags(redis_url, six_adapters, "s3://outage/out", "--idle", "0.2", "--loglevel", "DEBUG")
+    flags = worker_flags(broker.url, six_adapters, "s3://outage/out", "--idle", "0.2", "--loglevel", "DEBUG")
     monkeypatch.setenv("OMNI_S3_ENDPOINT_URL", endpoint)
     worker = start_worker(*flags)
     _wait_for(lambda: "retry" in worker.log, "a failed store and its retry")
