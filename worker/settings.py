@@ -13,8 +13,9 @@ from omni_engine.defaults import DEFAULT_MAX_CPU_LORAS, DEFAULT_MAX_LORAS
 from omni_engine.lora.fuse_mode import FuseMode
 from omni_engine.models.presets import DEFAULT_MODEL
 from producer.defaults import DEFAULT_BROKER_URL
-from producer.errors import SettingsError
-from producer.settings import ENV_FUSE, read_environment
+from producer.errors import InvalidStorageURIError, SettingsError
+from producer.output_uri import parse_output_uri
+from producer.settings import ENV_FUSE, ENV_OUTPUT_ROOTS, read_environment
 from worker.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S, SchedulerPolicy
 
 if TYPE_CHECKING:
@@ -44,6 +45,8 @@ class WorkerSettings:
     max_batch: int = DEFAULT_MAX_BATCH
     max_wait_s: float = DEFAULT_MAX_WAIT_S
     output_uri: str | None = None
+    # Where jobs may write besides output_uri (OMNI_OUTPUT_ROOTS); see `allowed_outputs`.
+    output_roots: tuple[str, ...] = ()
     s3_endpoint_url: str | None = None
     broker_url: str = DEFAULT_BROKER_URL
     result_backend: str | None = None
@@ -57,6 +60,11 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if self.window < 1:
             raise SettingsError(f"the window must hold at least one job, got {self.window}")
+        for root in self.output_roots:
+            try:
+                parse_output_uri(root)
+            except InvalidStorageURIError as e:
+                raise SettingsError(f"${ENV_OUTPUT_ROOTS}: {e}") from None
         try:
             object.__setattr__(self, "fuse", FuseMode(self.fuse))
         except ValueError:
@@ -76,6 +84,7 @@ class WorkerSettings:
             "max_cpu_loras": env.max_cpu_loras,
             "window": env.window,
             "output_uri": env.output_uri,
+            "output_roots": env.output_roots or None,
             "s3_endpoint_url": env.s3_endpoint_url,
             "broker_url": env.broker_url,
             "result_backend": env.result_backend,
@@ -86,6 +95,12 @@ class WorkerSettings:
         }
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**{name: value for name, value in values.items() if value is not None})
+
+    @property
+    def allowed_outputs(self) -> tuple[str, ...]:
+        """The worker's own output and the roots its operator allows: the only places it writes."""
+        own = (self.output_uri,) if self.output_uri else ()
+        return tuple(dict.fromkeys([*own, *self.output_roots]))
 
     @property
     def policy(self) -> SchedulerPolicy:
