@@ -20,6 +20,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
+import amqp.exceptions
+import redis.exceptions
 from kombu import Exchange, Queue
 
 from producer import defaults as d
@@ -39,6 +41,14 @@ _SCHEMES = {
     "amqps": BrokerKind.AMQP,
     "pyamqp": BrokerKind.AMQP,
 }
+
+# The broker refused the credentials or the vhost: retrying cannot help (kombu would retry them as
+# connection errors).
+CREDENTIALS_REFUSED = (
+    redis.exceptions.AuthenticationError,
+    amqp.exceptions.AccessRefused,
+    amqp.exceptions.NotAllowed,  # no such vhost, or no access to it
+)
 
 # The consumer timeout a worker asks RabbitMQ for (RabbitMQ >= 3.12 honours it per consumer; an
 # older server needs `consumer_timeout` in rabbitmq.conf). A job waits in the window at most

@@ -11,7 +11,7 @@ from __future__ import annotations
 from celery import Celery, Task
 
 from producer import defaults as d
-from producer.broker import BrokerKind, broker_kind
+from producer.broker import CREDENTIALS_REFUSED, BrokerKind, broker_kind
 from producer.client import celery_config
 from worker.settings import WorkerSettings
 
@@ -64,3 +64,19 @@ def make_app(settings: WorkerSettings) -> Celery:
         app.tasks.unregister(name)
     app.omni_settings = settings
     return app
+
+
+def credentials_refused(app: Celery) -> str | None:
+    """Why the broker refuses the app's credentials, or None.
+
+    A broker that cannot be reached yet is None too: Celery retries the connection at start, as it
+    should for a broker that is starting. Refused credentials never pass, so the worker stops at once.
+    """
+    with app.connection_for_read() as connection:
+        try:
+            connection.connect()
+        except CREDENTIALS_REFUSED as e:
+            return f"{type(e).__name__}: {e}"
+        except connection.connection_errors:
+            return None
+    return None

@@ -25,6 +25,7 @@ from producer.settings import (
     ENV_MAX_CPU_LORAS,
     ENV_MAX_LORAS,
     ENV_MODEL,
+    ENV_OUTPUT_ROOTS,
     ENV_OUTPUT_URI,
     ENV_WINDOW,
 )
@@ -185,18 +186,37 @@ def demo_command(args: argparse.Namespace) -> int:
 
 
 def worker_command(args: argparse.Namespace) -> int:
-    """Start the Celery worker in this process (it returns at shutdown)."""
+    """Start the Celery worker in this process; at shutdown, its exit code.
+
+    Non-zero when it stopped on an error it cannot recover from (the broker refused its
+    credentials, the model did not load, an error escaped the consumer), so a supervisor restarts it.
+    """
     import socket
 
+    from celery import signals
+
     from omni_engine.models.loader import quiet_library_output
-    from worker.app import make_app
+    from producer.redact import redact
+    from worker.app import credentials_refused, make_app
 
     quiet_library_output()
     # HTTP client logs carry request headers, and so the access key id, even at DEBUG.
     for library in ("botocore", "boto3", "s3transfer", "urllib3"):
         logging.getLogger(library).setLevel(max(logging.INFO, logging.getLogger(library).level))
     settings = _settings(args, broker_url=args.broker, idle_s=args.idle_s)
+    if not settings.allowed_outputs:
+        raise UsageError(
+            f"the worker has nowhere to write: give --out, or set ${ENV_OUTPUT_URI} or ${ENV_OUTPUT_ROOTS}"
+        )
     app = make_app(settings)
+    refused = credentials_refused(app)
+    if refused is not None:
+        broker = redact(settings.broker_url)
+        print(f"omni-batch worker: the broker {broker} refused the credentials: {refused}", file=sys.stderr)
+        return EXIT_FAILURE
+    # The Celery worker's exit code (1 after an unrecoverable error), which worker_main drops.
+    workers: list[Any] = []
+    signals.worker_init.connect(lambda sender, **_: workers.append(sender), weak=False)
     app.worker_main(
         [
             "worker",
@@ -209,4 +229,4 @@ def worker_command(args: argparse.Namespace) -> int:
             "--without-gossip",
         ]
     )
-    return EXIT_OK
+    return (workers[-1].exitcode or EXIT_OK) if workers else EXIT_FAILURE
