@@ -123,6 +123,21 @@ def test_warm_shutdown_returns_buffered_jobs_at_once(broker, s3_bucket, six_adap
     assert not any(storage_key.endswith(".png") for storage_key in open_storage(s3_bucket.uri).list_keys())
 
 
+@pytest.mark.parametrize("broker", ["amqp"], indirect=True)
+def test_rabbitmq_returns_a_killed_workers_jobs_at_once(broker, s3_bucket, six_adapters, start_worker):
+    jobs = _jobs("returned", 5)
+    with Client(broker.url) as client:
+        client.submit_many(jobs)
+    worker = start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri, "--idle", "3600"))
+    wait_for_counts(broker, lambda ready, unacked: (ready, unacked) == (0, 5), "all 5 reserved", timeout=120)
+
+    worker.stop(signal.SIGKILL)
+    # No visibility timeout: the closed connection alone puts them back.
+    wait_for_counts(
+        broker, lambda ready, unacked: (ready, unacked) == (5, 0), "the jobs back in the queue", timeout=15
+    )
+
+
 def test_broker_restart_with_persistence_keeps_queued_jobs_and_workers_reconnect(
     restartable_broker, s3_bucket, six_adapters, start_worker, short_visibility, tmp_path
 ):
