@@ -14,6 +14,7 @@ import re
 import signal
 import textwrap
 import time
+import uuid
 
 import boto3
 import pytest
@@ -107,35 +108,35 @@ def test_a_job_redelivered_while_held_is_not_lost_when_the_worker_dies(
     _assert_each_once_with_the_right_bytes(storage, jobs, six_adapters, tmp_path)
 
 
-def test_warm_shutdown_returns_buffered_jobs_at_once(broker, s3_bucket, six_adapters, start_worker):
-    jobs = _jobs("buffered", 5)
+def _worker_holding_five(broker, dataset, s3_bucket, six_adapters, start_worker):
+    """A worker holding 5 jobs reserved and buffered; never idle long enough to start a group."""
     with Client(broker.url) as client:
-        client.submit_many(jobs)
-    # Never idle long enough to run a group: every job stays buffered, reserved but not started.
+        client.submit_many(_jobs(dataset, 5))
     worker = start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri, "--idle", "3600"))
     wait_for_counts(broker, lambda ready, unacked: (ready, unacked) == (0, 5), "all 5 reserved", timeout=120)
+    return worker
 
-    assert worker.stop(signal.SIGTERM) == 0
-    # The visibility timeout is 7200 s here: only the shutdown can have put them back.
+
+def _wait_all_five_queued(broker) -> None:
     wait_for_counts(
         broker, lambda ready, unacked: (ready, unacked) == (5, 0), "the jobs back in the queue", timeout=15
     )
+
+
+def test_warm_shutdown_returns_buffered_jobs_at_once(broker, s3_bucket, six_adapters, start_worker):
+    worker = _worker_holding_five(broker, "buffered", s3_bucket, six_adapters, start_worker)
+    assert worker.stop(signal.SIGTERM) == 0
+    # The visibility timeout is 7200 s here: only the shutdown can have put them back.
+    _wait_all_five_queued(broker)
     assert not any(storage_key.endswith(".png") for storage_key in open_storage(s3_bucket.uri).list_keys())
 
 
 @pytest.mark.parametrize("broker", ["amqp"], indirect=True)
 def test_rabbitmq_returns_a_killed_workers_jobs_at_once(broker, s3_bucket, six_adapters, start_worker):
-    jobs = _jobs("returned", 5)
-    with Client(broker.url) as client:
-        client.submit_many(jobs)
-    worker = start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri, "--idle", "3600"))
-    wait_for_counts(broker, lambda ready, unacked: (ready, unacked) == (0, 5), "all 5 reserved", timeout=120)
-
+    worker = _worker_holding_five(broker, "returned", s3_bucket, six_adapters, start_worker)
     worker.stop(signal.SIGKILL)
     # No visibility timeout: the closed connection alone puts them back.
-    wait_for_counts(
-        broker, lambda ready, unacked: (ready, unacked) == (5, 0), "the jobs back in the queue", timeout=15
-    )
+    _wait_all_five_queued(broker)
 
 
 def test_broker_restart_with_persistence_keeps_queued_jobs_and_workers_reconnect(
@@ -168,22 +169,23 @@ def test_s3_outage_is_waited_out_without_regenerating(
     endpoint = f"http://127.0.0.1:{port}"
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     s3.start()
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="outage")
+    # moto keeps buckets per process: a bucket of its own, or another broker's run left the outputs.
+    bucket = f"outage-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     s3.stop()
 
     jobs = _jobs("outage", 4)
     with Client(broker.url) as client:
         client.submit_many(jobs)
-    flags = worker_flags(broker.url, six_adapters, "s3://outage/out", "--idle", "0.2", "--loglevel", "DEBUG")
+    out = f"s3://{bucket}/out"
+    flags = worker_flags(broker.url, six_adapters, out, "--idle", "0.2", "--loglevel", "DEBUG")
     monkeypatch.setenv("OMNI_S3_ENDPOINT_URL", endpoint)
     worker = start_worker(*flags)
     _wait_for(lambda: "retry" in worker.log, "a failed store and its retry")
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     s3.start()
     try:
-        wait_settled(
-            open_storage("s3://outage/out", endpoint_url=endpoint), "outage", (j.job_id for j in jobs)
-        )
+        wait_settled(open_storage(out, endpoint_url=endpoint), "outage", (j.job_id for j in jobs))
     finally:
         s3.stop()
     runs = sum(int(n) for n in re.findall(r"running (\d+) job\(s\)", worker.log))
