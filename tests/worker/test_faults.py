@@ -10,6 +10,7 @@ closes.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import textwrap
@@ -213,16 +214,19 @@ CRASH_HOOK = textwrap.dedent(
 
 
 def test_a_poison_job_is_failed_after_a_bound_and_the_rest_complete(
-    redis_url, s3_bucket, six_adapters, start_worker, short_visibility, monkeypatch, tmp_path
+    broker, redis_url, s3_bucket, six_adapters, start_worker, short_visibility, monkeypatch, tmp_path
 ):
+    if broker.kind == "amqp":  # RabbitMQ has nowhere to count starts: a Redis result backend does
+        monkeypatch.setenv("OMNI_RESULT_BACKEND", redis_url)
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(CRASH_HOOK)
-    monkeypatch.setenv("PYTHONPATH", str(hook))
+    # Before the tree's own path, if any: the worker must run this tree's code, not an installed one.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("OMNI_MAX_ATTEMPTS", "2")
     poison = validate_job({"prompt": "please crash the worker", "dataset": "poison"})
     good = [validate_job({"prompt": f"fine {i}", "dataset": "poison"}) for i in range(3)]
-    with Client(redis_url) as client:
+    with Client(broker.url) as client:
         client.submit_many([poison, *good])
 
     storage = open_storage(s3_bucket.uri)
@@ -235,7 +239,7 @@ def test_a_poison_job_is_failed_after_a_bound_and_the_rest_complete(
 
     crashes = 0
     while True:
-        worker = start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "0.2"))
+        worker = start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri, "--idle", "0.2"))
         _wait_for(
             lambda w=worker: w.proc.poll() is not None or settled(), "a crash or every job settled", 180
         )
