@@ -17,6 +17,13 @@ MAX_PRIORITY = 9
 
 # Redis keys the worker keeps beside the broker's own: how often a job was started unfinished.
 ATTEMPTS_KEY_PREFIX = "omni:attempts:"
+# Redis keys of `omni-batch beat`: RedBeat's own (one hash per schedule, `::schedule`, `::lock`)
+# under BEAT_KEY_PREFIX; the claim on each scheduled run (by its dataset) and each schedule's last
+# run under the two after it.
+BEAT_KEY_PREFIX = "omni:beat:"
+BEAT_LOCK_KEY = BEAT_KEY_PREFIX + ":lock"
+SCHEDULED_RUN_KEY_PREFIX = "omni:scheduled-run:"
+LAST_RUN_KEY_PREFIX = "omni:last-run:"
 
 # Redis transport: ten priority lists per queue (kombu's default is four buckets), served
 # strictly highest first. kombu's Redis order is the reverse of a job's: broker 0 is the most

@@ -23,6 +23,14 @@ class JobFileError(UsageError, ValueError):
         super().__init__(message)
 
 
+class ScheduleFileError(UsageError, ValueError):
+    """A schedules file that cannot be used. `problems` names, for each, the file's line and the entry."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        self.problems = list(problems or [])
+        super().__init__(message)
+
+
 class JobValidationError(ProducerError, ValueError):
     """A job breaks the schema. `problems` lists every violation, each naming field, value, reason."""
 

@@ -35,6 +35,43 @@ def _read(path: str) -> bytes:
         raise JobFileError(f"cannot read {path}: {e.strerror or e}") from e
 
 
+class JobCollector:
+    """Gathers a batch of jobs before any is sent: distinct jobs in order, every problem by place.
+
+    The one rule for a batch, shared by the job file and the HTTP API: identical repeats are
+    dropped, two different jobs with one job_id are an error, and any problem refuses the batch.
+    A place is what a problem is reported under: `line 3`, `jobs[2]`.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+        self.duplicates = 0
+        self.problems: list[str] = []
+        self.bad_places: set[str] = set()
+        self._seen: dict[str, tuple[str, Job]] = {}
+
+    def reject(self, place: str, problems: list[str]) -> None:
+        """Record why the job at `place` is refused."""
+        self.problems.extend(f"{place}: {problem}" for problem in problems)
+        self.bad_places.add(place)
+
+    def add(self, place: str, job: Job) -> None:
+        """Keep `job` unless an identical one came first, or refuse it if another job has its id."""
+        first = self._seen.setdefault(job.job_id, (place, job))
+        if first[1] is job:
+            self.jobs.append(job)
+        elif first[1] == job:
+            self.duplicates += 1
+        else:
+            self.reject(
+                place,
+                [
+                    f"job_id = {job.job_id!r}: {first[0]} has a different job with this job_id "
+                    "(the idempotency key); give one of them its own job_id"
+                ],
+            )
+
+
 def read_job_file(path: str, defaults: Mapping[str, Any] | None = None, *, action: str) -> JobFile:
     """Every job of the file (`-`: stdin), `defaults` filling the fields a line lacks.
 
@@ -42,44 +79,29 @@ def read_job_file(path: str, defaults: Mapping[str, Any] | None = None, *, actio
     holds no job. Identical repeats are dropped; two different jobs with one job_id are an error.
     """
     name = "stdin" if path == STDIN else path
-    problems: list[str] = []
-    bad_lines: set[int] = set()
-    jobs: list[Job] = []
-    seen: dict[str, tuple[int, Job]] = {}
-    duplicates = 0
+    batch = JobCollector()
     # bytes.splitlines splits on \n, \r\n and \r only: never inside a JSON string.
     for lineno, raw in enumerate(_read(path).splitlines(), start=1):
         if not raw.strip():
             continue
+        place = f"line {lineno}"
         try:
             job = parse_job_line(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"), defaults=defaults)
         except UnicodeDecodeError as e:
-            problems.append(f"line {lineno}: not UTF-8 ({e.reason} at byte {e.start})")
-            bad_lines.add(lineno)
+            batch.reject(place, [f"not UTF-8 ({e.reason} at byte {e.start})"])
             continue
         except JobValidationError as e:
-            problems.extend(f"line {lineno}: {problem}" for problem in e.problems)
-            bad_lines.add(lineno)
+            batch.reject(place, e.problems)
             continue
-        first = seen.setdefault(job.job_id, (lineno, job))
-        if first[1] is job:
-            jobs.append(job)
-        elif first[1] == job:
-            duplicates += 1
-        else:
-            problems.append(
-                f"line {lineno}: job_id = {job.job_id!r}: line {first[0]} has a different job with this "
-                "job_id (the idempotency key); give one of them its own job_id"
-            )
-            bad_lines.add(lineno)
-    if problems:
-        shown = problems[:MAX_PROBLEMS_SHOWN]
-        if len(problems) > len(shown):
-            shown.append(f"... and {len(problems) - len(shown)} more")
+        batch.add(place, job)
+    if batch.problems:
+        shown = batch.problems[:MAX_PROBLEMS_SHOWN]
+        if len(batch.problems) > len(shown):
+            shown.append(f"... and {len(batch.problems) - len(shown)} more")
         raise JobFileError(
-            f"{name}: {len(bad_lines)} bad line(s); nothing was {action}:\n  " + "\n  ".join(shown),
-            problems,
+            f"{name}: {len(batch.bad_places)} bad line(s); nothing was {action}:\n  " + "\n  ".join(shown),
+            batch.problems,
         )
-    if not jobs:
+    if not batch.jobs:
         raise JobFileError(f"{name}: no jobs (the input is empty)")
-    return JobFile(jobs, duplicates)
+    return JobFile(batch.jobs, batch.duplicates)

@@ -79,8 +79,19 @@ def _metadata(value: dict[str, Any]) -> dict[str, Any]:
     return json.loads(encoded)
 
 
-Name = Annotated[str, Field(min_length=1, max_length=d.MAX_NAME_LENGTH), AfterValidator(_name)]
-AdapterName = Annotated[str, Field(min_length=1, max_length=d.MAX_ADAPTER_LENGTH), AfterValidator(_adapter)]
+# The patterns only document the characters in the JSON schema (the HTTP API's OpenAPI document);
+# the validators enforce the whole rule with a readable reason.
+Name = Annotated[
+    str,
+    Field(min_length=1, max_length=d.MAX_NAME_LENGTH, json_schema_extra={"pattern": "^[A-Za-z0-9._-]+$"}),
+    AfterValidator(_name),
+]
+JobId = Annotated[Name, AfterValidator(_job_id)]
+AdapterName = Annotated[
+    str,
+    Field(min_length=1, max_length=d.MAX_ADAPTER_LENGTH, json_schema_extra={"pattern": "^[A-Za-z0-9._/-]+$"}),
+    AfterValidator(_adapter),
+]
 Size = Annotated[int, Field(ge=d.SIZE_MULTIPLE, le=d.MAX_SIZE, multiple_of=d.SIZE_MULTIPLE)]
 
 
@@ -89,7 +100,7 @@ class Job(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
-    job_id: Annotated[Name, AfterValidator(_job_id)] | None = None
+    job_id: JobId | None = None
     dataset: Name = d.DEFAULT_DATASET
     prompt: Annotated[str, Field(min_length=1, max_length=d.MAX_PROMPT_LENGTH), AfterValidator(_utf8)]
     negative_prompt: Annotated[str, AfterValidator(_utf8)] | None = None
@@ -163,14 +174,20 @@ def validate_job(data: Any) -> Job:
         raise JobValidationError([describe_error(err) for err in e.errors(include_url=False)]) from e
 
 
-def parse_job_line(line: str | bytes, *, defaults: Mapping[str, Any] | None = None) -> Job:
-    """Parse one JSONL line; `defaults` fill fields the line lacks. Raises only JobValidationError."""
+def load_json(text: str | bytes) -> Any:
+    """`json.loads`, with every way it can fail reported as one JobValidationError."""
     try:
-        data = json.loads(line)
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise JobValidationError([f"not valid JSON: {e.msg} at column {e.colno}"]) from e
+        where = f"line {e.lineno} column {e.colno}" if e.lineno > 1 else f"column {e.colno}"
+        raise JobValidationError([f"not valid JSON: {e.msg} at {where}"]) from e
     except (ValueError, RecursionError) as e:  # bad UTF-8, an int too long, nesting too deep
         raise JobValidationError([f"not valid JSON: {e}"]) from e
+
+
+def parse_job_line(line: str | bytes, *, defaults: Mapping[str, Any] | None = None) -> Job:
+    """Parse one JSONL line; `defaults` fill fields the line lacks. Raises only JobValidationError."""
+    data = load_json(line)
     if not isinstance(data, dict):
         raise JobValidationError([f"a job must be a JSON object, not {type(data).__name__}"])
     if defaults:

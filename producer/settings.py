@@ -31,6 +31,7 @@ ENV_MAX_ATTEMPTS = "OMNI_MAX_ATTEMPTS"
 ENV_MAX_BATCH = "OMNI_MAX_BATCH"
 ENV_CACHE_DIR = "OMNI_CACHE_DIR"
 ENV_FUSE = "OMNI_FUSE"
+ENV_API_TOKENS = "OMNI_API_TOKENS"
 ENV_OUTPUT_ROOTS = "OMNI_OUTPUT_ROOTS"
 # A URI scheme inside an os.pathsep-separated list: `s3://b/p` splits at its own ':' on POSIX.
 _SCHEME_WORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
@@ -54,6 +55,7 @@ class Environment:
     max_batch: int | None = None
     cache_dir: str | None = None
     fuse: str | None = None
+    api_tokens: tuple[str, ...] = ()
     output_roots: tuple[str, ...] = ()
 
 
@@ -97,6 +99,7 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
             raise SettingsError(f"${name} must be an integer, got {raw!r}") from None
 
     roots = text(ENV_ADAPTER_ROOTS) or ""
+    tokens = text(ENV_API_TOKENS) or ""
     return Environment(
         broker_url=text(ENV_BROKER_URL) or DEFAULT_BROKER_URL,
         result_backend=text(ENV_RESULT_BACKEND),
@@ -112,5 +115,6 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         max_batch=integer(ENV_MAX_BATCH),
         cache_dir=text(ENV_CACHE_DIR),
         fuse=text(ENV_FUSE),
+        api_tokens=tuple(token.strip() for token in tokens.split(",") if token.strip()),
         output_roots=split_roots(text(ENV_OUTPUT_ROOTS) or ""),
     )

@@ -296,6 +296,19 @@ class S3Storage:
     def list_keys(self, prefix: str = "") -> Iterator[str]:
         return self._list(_check_prefix(self.uri, prefix))
 
+    def presigned_url(self, key: str, *, expires_s: int) -> str:
+        """A URL that reads the object at `key` for `expires_s` seconds, with no other credential.
+
+        Signed locally (no request is made). Like every SigV4 URL it names the access key id,
+        never the secret: hand out URLs signed with a read-only key.
+        """
+        try:
+            return self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s
+            )
+        except (boto_errors.BotoCoreError, boto_errors.ClientError) as e:
+            raise self._error("sign a URL for", key, e) from e
+
     def _list(self, prefix: str) -> Iterator[str]:
         pages = self._client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=self._prefix + prefix

@@ -6,4 +6,6 @@ pytest_plugins = [
     "fixtures.s3_server",
     "fixtures.engine",
     "fixtures.worker_process",
+    "fixtures.api_server",
+    "fixtures.beat_process",
 ]

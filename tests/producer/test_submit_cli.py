@@ -229,8 +229,8 @@ def test_submit_works_where_torch_cannot_be_imported() -> None:
 def test_producer_modules_and_the_lora_request_do_not_import_torch_or_the_worker() -> None:
     code = (
         "import pkgutil, sys, producer\n"
-        "for m in pkgutil.iter_modules(producer.__path__):\n"
-        "    __import__('producer.' + m.name)\n"
+        "for m in pkgutil.walk_packages(producer.__path__, 'producer.'):\n"
+        "    __import__(m.name)\n"
         "import omni_engine.lora.request, omni_engine.lora.source\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert not [m for m in sys.modules if m.startswith('worker')], 'worker imported'\n"
