@@ -1,7 +1,8 @@
-"""Soak: thousands of jobs over many adapters through Redis and real workers that are killed
-(SIGKILL) and restarted on the way. Not part of the test run; one command:
+"""Soak: thousands of jobs over many adapters through a broker (a private redis-server, or a
+vhost of the machine's RabbitMQ) and real workers that are killed (SIGKILL) and restarted on the
+way. Not part of the test run; one command:
 
-    python bench/soak.py [--jobs 2000] [--adapters 40] [--kills 3]
+    python bench/soak.py [--jobs 2000] [--adapters 40] [--kills 3] [--broker redis|amqp]
 
 It reports jobs in, images out, error records, jobs without a sidecar, extra generations (work
 redone after a kill: the price of at-least-once delivery) and the queue wait, median and max.
@@ -24,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from fixtures.brokers import new_vhost
 from fixtures.redis_server import start_redis_server
 from fixtures.worker_process import WorkerProcess, worker_flags
 
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--adapters", type=int, default=40)
     parser.add_argument("--kills", type=int, default=3)
+    parser.add_argument("--broker", choices=["redis", "amqp"], default="redis")
     args = parser.parse_args(argv)
     quiet_library_output()
 
@@ -68,16 +71,21 @@ def main(argv: list[str] | None = None) -> int:
             )
             for i, p in enumerate(rng.choices(range(10), k=args.jobs))
         ]
-        (work / "redis").mkdir()
-        redis = start_redis_server(work / "redis")
+        if args.broker == "redis":
+            (work / "redis").mkdir()
+            server = start_redis_server(work / "redis")
+            broker_url, stop_broker = server.url, server.stop
+        else:
+            vhost = new_vhost()
+            broker_url, stop_broker = vhost.url, lambda: vhost.ctl("delete_vhost", vhost.vhost)
         out = str(work / "out")
         storage = open_storage(out)
         extra = ("--idle", "0.2", "--loglevel", "DEBUG", "--max-loras", "2", "--max-cpu-loras", "8")
-        flags = worker_flags(redis.url, work / "adapters", out, *extra)  # later flags win
+        flags = worker_flags(broker_url, work / "adapters", out, *extra)  # later flags win
         started = time.perf_counter()
         logs: list[str] = []
         try:
-            with Client(redis.url) as client:
+            with Client(broker_url) as client:
                 client.submit_many(jobs)
             expected = frozenset(j.job_id for j in jobs)
             for kill in range(args.kills + 1):
@@ -94,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                     worker.stop()
                 logs.append(worker.log)
         finally:
-            redis.stop()
+            stop_broker()
         seconds = time.perf_counter() - started
 
         status = dataset_status(storage, "soak", expected)

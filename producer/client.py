@@ -1,7 +1,8 @@
 """Enqueue jobs as Celery tasks, by name, without importing the worker or torch.
 
 `celery_config` is the one place the broker settings live: the worker builds its app from the
-same dict, so both sides agree on serialisation, queue and the order of the priority lists.
+same dict, so both sides agree on serialisation, queue and priority order (`producer.broker`
+holds what differs between Redis and RabbitMQ).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from producer import defaults as d
+from producer.broker import broker_kind, broker_priority, broker_settings
 from producer.errors import BrokerUnavailableError
 from producer.redact import redact
 from producer.schema import Job
@@ -29,22 +31,17 @@ _BatchPublishError = getattr(kombu.exceptions, "BatchPublishError", OperationalE
 CONNECT_RETRIES = 2
 
 
-def broker_priority(job_priority: int) -> int:
-    """A job's priority (9 = most urgent) in kombu Redis order (0 = most urgent)."""
-    return d.MAX_PRIORITY - job_priority
-
-
 def celery_config(
     broker_url: str, result_backend: str | None = None, *, task_events: bool = True
 ) -> dict[str, Any]:
-    """Celery settings both the producer and the worker use: JSON only, ten priority lists.
+    """Celery settings both the producer and the worker use: JSON only, ten priority levels.
 
     `task_events` (`OMNI_TASK_EVENTS`): the task-sent event of each job submitted and the
     worker's received, started, succeeded and failed events, for Flower or `celery events`.
+    SettingsError if `broker_url` is neither Redis nor RabbitMQ.
     """
-    transport_options = dict(d.BROKER_TRANSPORT_OPTIONS)
-    transport_options["priority_steps"] = list(d.BROKER_PRIORITY_STEPS)  # a fresh copy per app
     return {
+        **broker_settings(broker_kind(broker_url)),
         "broker_url": broker_url,
         "result_backend": result_backend,
         "task_serializer": "json",
@@ -52,7 +49,6 @@ def celery_config(
         "accept_content": ["json"],
         "result_accept_content": ["json"],
         "task_default_queue": d.QUEUE,
-        "broker_transport_options": transport_options,
         "task_send_sent_event": task_events,
         "worker_send_task_events": task_events,
     }
@@ -91,6 +87,7 @@ class Client:
         env = read_environment()
         self.broker_url = broker_url or env.broker_url
         self.safe_broker_url = redact(self.broker_url)
+        self.broker_kind = broker_kind(self.broker_url)
         self.app = Celery("omni-producer", set_as_current=False)
         self.app.conf.update(celery_config(self.broker_url, task_events=env.task_events))
         with self.app.connection_for_write() as connection:  # builds the transport, connects nothing
@@ -166,7 +163,7 @@ class Client:
             args=[job.wire_dict()],
             task_id=job.job_id,
             queue=d.QUEUE,
-            priority=broker_priority(job.priority),
+            priority=broker_priority(job.priority, self.broker_kind),
             headers={d.SUBMITTED_AT_HEADER: time.time()},
             # Celery would repr the whole job for logs and monitors, half the cost of a send.
             argsrepr=f"[<job {job.job_id} dataset={job.dataset} adapter={job.adapter}>]",

@@ -85,3 +85,7 @@ class InvalidStorageKeyError(StorageError, ValueError):
 
 class InvalidStorageURIError(StorageError, ValueError):
     """An output URI or S3 endpoint that cannot be used (unknown scheme, credentials in it, no bucket)."""
+
+
+class OutputNotAllowedError(StorageError, ValueError):
+    """A job's output outside the worker's own output and the roots its operator allows."""

@@ -10,6 +10,7 @@ Nothing else in the tree reads `os.environ`.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -45,6 +46,9 @@ _SWITCH = {
 }
 ENV_API_TOKENS = "OMNI_API_TOKENS"
 ENV_COMPILE = "OMNI_COMPILE"
+ENV_OUTPUT_ROOTS = "OMNI_OUTPUT_ROOTS"
+# A URI scheme inside an os.pathsep-separated list: `s3://b/p` splits at its own ':' on POSIX.
+_SCHEME_WORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +74,26 @@ class Environment:
     task_events: bool = True
     api_tokens: tuple[str, ...] = ()
     compile: str | None = None
+    output_roots: tuple[str, ...] = ()
+
+
+def split_roots(text: str) -> tuple[str, ...]:
+    """An os.pathsep-separated list of directories and URIs (`s3://bucket/prefix`), in order.
+
+    On POSIX the separator is ':', which every URI also holds: a piece that is a bare scheme name
+    followed by one starting with '//' is one URI again.
+    """
+    pieces = text.split(os.pathsep)
+    roots: list[str] = []
+    i = 0
+    while i < len(pieces):
+        piece = pieces[i]
+        if _SCHEME_WORD.fullmatch(piece) and i + 1 < len(pieces) and pieces[i + 1].startswith("//"):
+            piece, i = f"{piece}:{pieces[i + 1]}", i + 1
+        if piece:
+            roots.append(piece)
+        i += 1
+    return tuple(roots)
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
@@ -122,4 +146,5 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         task_events=switch(ENV_TASK_EVENTS, True),
         api_tokens=tuple(token.strip() for token in tokens.split(",") if token.strip()),
         compile=text(ENV_COMPILE),
+        output_roots=split_roots(text(ENV_OUTPUT_ROOTS) or ""),
     )

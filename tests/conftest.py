@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "fixtures.redis_server",
+    "fixtures.brokers",
     "fixtures.s3_server",
     "fixtures.engine",
     "fixtures.worker_process",

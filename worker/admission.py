@@ -19,6 +19,7 @@ from producer.schema import Job
 from producer.storage import Storage
 from worker.adapters import AdapterResolver
 from worker.execute import Result, WorkItem, failure
+from worker.output_roots import OutputRoots
 from worker.scheduler import Pending
 from worker.settings import WorkerSettings
 from worker.storage_cache import StorageCache
@@ -29,10 +30,13 @@ class Admission:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.resolver = AdapterResolver(settings.adapter_roots)
-        self.storages = StorageCache(settings.output_uri, settings.s3_endpoint_url)
+        self.storages = StorageCache(
+            settings.output_uri, settings.s3_endpoint_url, roots=OutputRoots(settings.allowed_outputs)
+        )
 
     def storage_for(self, job: Job) -> Storage:
-        """Where the job's outputs go; InvalidStorageURIError when it has no usable output."""
+        """Where the job's outputs go; InvalidStorageURIError when it has no usable output,
+        OutputNotAllowedError when it names one outside the worker's allowed outputs."""
         return self.storages.for_job(job)
 
     def admit(

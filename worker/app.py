@@ -1,8 +1,9 @@
 """The Celery app of a worker: the producer's wire settings plus what makes delivery safe.
 
 Late acks (a job is acked only once its outputs are stored), a reservation of `window` jobs for
-grouping, the solo pool (CUDA and fork do not mix; one process per GPU), and a visibility timeout
-above the longest a job can wait in the window.
+grouping, the solo pool (CUDA and fork do not mix; one process per GPU), and on Redis a visibility
+timeout above the longest a job can wait in the window (RabbitMQ returns a dead worker's jobs when
+its connection closes, and is asked for a consumer timeout that long: `producer.broker`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from celery import Celery, Task
 
 from producer import defaults as d
+from producer.broker import CREDENTIALS_REFUSED, BrokerKind, broker_kind
 from producer.client import celery_config
 from worker.settings import WorkerSettings
 
@@ -34,14 +36,15 @@ class GenerateTask(Task):
 def make_app(settings: WorkerSettings) -> Celery:
     app = Celery("omni-worker", set_as_current=False)
     config = celery_config(settings.broker_url, settings.result_backend, task_events=settings.task_events)
-    transport = config["broker_transport_options"]
-    transport["visibility_timeout"] = settings.visibility_timeout_s
-    # kombu sweeps for jobs whose worker died every interval x throttle seconds (100 s by default);
-    # sweep often enough that redelivery follows the visibility timeout closely.
-    transport["unacked_restore_interval"] = min(10, max(1, settings.visibility_timeout_s // 4))
-    transport["unacked_restore_throttle"] = 1
-    if settings.broker_url.startswith("redis://"):
-        config["broker_transport"] = "worker.redis_transport:Transport"
+    if broker_kind(settings.broker_url) is BrokerKind.REDIS:  # RabbitMQ has no visibility timeout
+        transport = config["broker_transport_options"]
+        transport["visibility_timeout"] = settings.visibility_timeout_s
+        # kombu sweeps for jobs whose worker died every interval x throttle seconds (100 s by
+        # default); sweep often enough that redelivery follows the visibility timeout closely.
+        transport["unacked_restore_interval"] = min(10, max(1, settings.visibility_timeout_s // 4))
+        transport["unacked_restore_throttle"] = 1
+        if settings.broker_url.startswith("redis://"):
+            config["broker_transport"] = "worker.redis_transport:Transport"
     config.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -61,3 +64,19 @@ def make_app(settings: WorkerSettings) -> Celery:
         app.tasks.unregister(name)
     app.omni_settings = settings
     return app
+
+
+def credentials_refused(app: Celery) -> str | None:
+    """Why the broker refuses the app's credentials, or None.
+
+    A broker that cannot be reached yet is None too: Celery retries the connection at start, as it
+    should for a broker that is starting. Refused credentials never pass, so the worker stops at once.
+    """
+    with app.connection_for_read() as connection:
+        try:
+            connection.connect()
+        except CREDENTIALS_REFUSED as e:
+            return f"{type(e).__name__}: {e}"
+        except connection.connection_errors:
+            return None
+    return None

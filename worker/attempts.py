@@ -1,4 +1,5 @@
-"""How many times each job was started without finishing, kept in Redis beside the broker.
+"""How many times each job was started without finishing, kept in Redis: the broker's, or on
+RabbitMQ (which has nowhere to keep them) the result backend's.
 
 A job that kills the worker process is redelivered, and would kill every worker forever. Each
 start is counted before the engine runs and forgotten once the job's outcome is stored, so a
@@ -25,14 +26,22 @@ logger = logging.getLogger("omni.worker")
 ATTEMPTS_TTL_S = 7 * 24 * 3600
 
 
-class AttemptCounter:
-    """Start counts per job id, in the broker's Redis (none is kept for another broker)."""
+def _is_redis(url: str | None) -> bool:
+    return url is not None and url.startswith(("redis://", "rediss://"))
 
-    def __init__(self, broker_url: str) -> None:
-        # Only a Redis broker has somewhere to keep the counts; elsewhere nothing is bounded.
-        self._redis = (
-            redis.Redis.from_url(broker_url) if broker_url.startswith(("redis://", "rediss://")) else None
-        )
+
+class AttemptCounter:
+    """Start counts per job id, in the broker's Redis, else the result backend's; with neither,
+    none is kept and the poison bound does not hold (said once, at start)."""
+
+    def __init__(self, broker_url: str, result_backend: str | None = None) -> None:
+        store = next((url for url in (broker_url, result_backend) if _is_redis(url)), None)
+        self._redis = redis.Redis.from_url(store) if store is not None else None
+        if store is None:
+            logger.warning(
+                "job starts are not counted, so a job that kills the worker is redelivered without "
+                "bound: with this broker, set a Redis result backend to keep the counts in"
+            )
 
     def previous(self, job_ids: Iterable[str]) -> dict[str, int]:
         """How many times each job was started before and did not finish."""

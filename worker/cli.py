@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from omni_engine.lora.fuse_mode import FuseMode
 from omni_engine.models.presets import DEFAULT_MODEL
@@ -27,6 +28,7 @@ from producer.settings import (
     ENV_MAX_LORAS,
     ENV_METRICS_PORT,
     ENV_MODEL,
+    ENV_OUTPUT_ROOTS,
     ENV_OUTPUT_URI,
     ENV_SUMMARY_INTERVAL,
     ENV_WINDOW,
@@ -209,11 +211,18 @@ def demo_command(args: argparse.Namespace) -> int:
 
 
 def worker_command(args: argparse.Namespace) -> int:
-    """Start the Celery worker in this process (it returns at shutdown)."""
+    """Start the Celery worker in this process; at shutdown, its exit code.
+
+    Non-zero when it stopped on an error it cannot recover from (the broker refused its
+    credentials, the model did not load, an error escaped the consumer), so a supervisor restarts it.
+    """
     import socket
 
+    from celery import signals
+
     from omni_engine.models.loader import quiet_library_output
-    from worker.app import make_app
+    from producer.redact import redact
+    from worker.app import credentials_refused, make_app
 
     quiet_library_output()
     # HTTP client logs carry request headers, and so the access key id, even at DEBUG.
@@ -226,9 +235,21 @@ def worker_command(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         summary_interval_s=args.summary_interval_s,
     )
+    if not settings.allowed_outputs:
+        raise UsageError(
+            f"the worker has nowhere to write: give --out, or set ${ENV_OUTPUT_URI} or ${ENV_OUTPUT_ROOTS}"
+        )
     if settings.metrics_port:
         _serve_metrics(settings)
     app = make_app(settings)
+    refused = credentials_refused(app)
+    if refused is not None:
+        broker = redact(settings.broker_url)
+        print(f"omni-batch worker: the broker {broker} refused the credentials: {refused}", file=sys.stderr)
+        return EXIT_FAILURE
+    # The Celery worker's exit code (1 after an unrecoverable error), which worker_main drops.
+    workers: list[Any] = []
+    signals.worker_init.connect(lambda sender, **_: workers.append(sender), weak=False)
     app.worker_main(
         [
             "worker",
@@ -241,7 +262,7 @@ def worker_command(args: argparse.Namespace) -> int:
             "--without-gossip",
         ]
     )
-    return EXIT_OK
+    return (workers[-1].exitcode or EXIT_OK) if workers else EXIT_FAILURE
 
 
 def _serve_metrics(settings: WorkerSettings) -> None:

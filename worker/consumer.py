@@ -61,7 +61,7 @@ class GroupingConsumer:
         self.app = app
         self.engine = build_engine(settings)
         self.admission = Admission(settings)
-        self.attempts = AttemptCounter(settings.broker_url)
+        self.attempts = AttemptCounter(settings.broker_url, settings.result_backend)
         self.policy = settings.policy
         self.window: list[Pending] = []
         # Each upload remembers the connection its messages came on (see `attach`).

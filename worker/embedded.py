@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from omni_engine import Omni
+from producer.errors import OutputNotAllowedError
 from producer.schema import Job
 from worker.admission import Admission, to_pending
-from worker.execute import Result, generate_group, store, take_group
+from worker.execute import Result, WorkItem, failure, generate_group, store, take_group
 from worker.scheduler import Pending
 from worker.settings import WorkerSettings
 
@@ -72,7 +73,7 @@ def run_jobs(
                 return
             summary.jobs += 1
             # A job given twice runs once (the scheduler needs ids unique in its window).
-            admitted = None if job.job_id in seen else admission.admit(job, admission.storage_for(job))
+            admitted = None if job.job_id in seen else _admit(admission, settings, job)
             if admitted is None:
                 summary.skipped += 1
                 _report(on_done, 1)
@@ -105,6 +106,17 @@ def run_jobs(
     summary.min_loads = len(adapters_used)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _admit(admission: Admission, settings: WorkerSettings, job: Job) -> WorkItem | Result | None:
+    """As the worker admits a job; one whose output is not allowed fails under the run's own output."""
+    try:
+        storage = admission.storage_for(job)
+    except OutputNotAllowedError as e:
+        if settings.output_uri is None:
+            raise
+        return failure(WorkItem(job, None, admission.storages.for_uri(settings.output_uri)), e)
+    return admission.admit(job, storage)
 
 
 def _report(on_done: Callable[[int], None] | None, count: int) -> None:

@@ -13,11 +13,13 @@ from omni_engine.defaults import DEFAULT_MAX_CPU_LORAS, DEFAULT_MAX_LORAS
 from omni_engine.lora.fuse_mode import FuseMode
 from omni_engine.models.presets import DEFAULT_MODEL
 from producer.defaults import DEFAULT_BROKER_URL
-from producer.errors import SettingsError
+from producer.errors import InvalidStorageURIError, SettingsError
+from producer.output_uri import parse_output_uri
 from producer.settings import (
     ENV_COMPILE,
     ENV_FUSE,
     ENV_METRICS_PORT,
+    ENV_OUTPUT_ROOTS,
     ENV_SUMMARY_INTERVAL,
     read_environment,
 )
@@ -56,6 +58,8 @@ class WorkerSettings:
     max_batch: int = DEFAULT_MAX_BATCH
     max_wait_s: float = DEFAULT_MAX_WAIT_S
     output_uri: str | None = None
+    # Where jobs may write besides output_uri (OMNI_OUTPUT_ROOTS); see `allowed_outputs`.
+    output_roots: tuple[str, ...] = ()
     s3_endpoint_url: str | None = None
     broker_url: str = DEFAULT_BROKER_URL
     result_backend: str | None = None
@@ -83,6 +87,11 @@ class WorkerSettings:
                 f"the summary interval (${ENV_SUMMARY_INTERVAL}, --summary-interval) must be 0 (off) or "
                 f"a number of seconds, got {self.summary_interval_s}"
             )
+        for root in self.output_roots:
+            try:
+                parse_output_uri(root)
+            except InvalidStorageURIError as e:
+                raise SettingsError(f"${ENV_OUTPUT_ROOTS}: {e}") from None
         try:
             object.__setattr__(self, "fuse", FuseMode(self.fuse))
         except ValueError:
@@ -109,6 +118,7 @@ class WorkerSettings:
             "max_cpu_loras": env.max_cpu_loras,
             "window": env.window,
             "output_uri": env.output_uri,
+            "output_roots": env.output_roots or None,
             "s3_endpoint_url": env.s3_endpoint_url,
             "broker_url": env.broker_url,
             "result_backend": env.result_backend,
@@ -123,6 +133,12 @@ class WorkerSettings:
         }
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**{name: value for name, value in values.items() if value is not None})
+
+    @property
+    def allowed_outputs(self) -> tuple[str, ...]:
+        """The worker's own output and the roots its operator allows: the only places it writes."""
+        own = (self.output_uri,) if self.output_uri else ()
+        return tuple(dict.fromkeys([*own, *self.output_roots]))
 
     @property
     def policy(self) -> SchedulerPolicy:

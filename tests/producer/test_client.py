@@ -11,8 +11,9 @@ from celery import Celery
 from fixtures.redis_server import RedisServer, free_port, priority_key, queued_messages
 
 from producer import defaults, settings
-from producer.client import Client, broker_priority, celery_config
-from producer.errors import BrokerUnavailableError, ProducerError
+from producer.broker import BrokerKind, broker_priority
+from producer.client import Client, celery_config
+from producer.errors import BrokerUnavailableError, ProducerError, SettingsError
 from producer.schema import Job
 
 
@@ -80,21 +81,24 @@ def test_job_priority_maps_to_kombus_reversed_order(client: Client, redis_url: s
     assert by_key[priority_key("omni", 0)] == 9  # the list kombu serves first
     assert by_key[priority_key("omni", 9)] == 0
     assert len(by_key) == 10
-    assert [broker_priority(p) for p in (9, 5, 0)] == [0, 4, 9]
+    assert [broker_priority(p, BrokerKind.REDIS) for p in (9, 5, 0)] == [0, 4, 9]
+    # RabbitMQ's real priorities serve the highest number first: a job's own.
+    assert [broker_priority(p, BrokerKind.AMQP) for p in (9, 5, 0)] == [9, 5, 0]
 
 
-def test_a_consumer_with_the_shared_config_takes_urgent_jobs_first(client: Client, redis_url: str) -> None:
+def test_a_consumer_with_the_shared_config_takes_urgent_jobs_first(broker) -> None:
     priorities = [5, 0, 8, 9, 5, 3, 9, 7, 6, 4]  # 8 before 9: kombu's default 4 buckets would mix them
     jobs = [Job(prompt=f"job {i}", priority=p) for i, p in enumerate(priorities)]
-    client.submit_many(jobs)
+    with Client(broker.url) as client:
+        client.submit_many(jobs)
 
     # Read back the way a worker does: a Celery app built from the same config.
     app = Celery("reader", set_as_current=False)
-    app.conf.update(celery_config(redis_url))
+    app.conf.update(celery_config(broker.url))
     taken = []
     with app.connection_for_read() as connection:
-        channel = connection.default_channel
-        while (message := channel.basic_get(defaults.QUEUE, no_ack=True)) is not None:
+        queue = app.amqp.queues[defaults.QUEUE](connection.default_channel)
+        while (message := queue.get(no_ack=True)) is not None:
             taken.append(message.decode()[0][0]["prompt"])
     app.close()
     expected = [job.prompt for job in sorted(jobs, key=lambda j: -j.priority)]  # stable: FIFO within one
@@ -229,3 +233,17 @@ def test_celery_config_hands_out_fresh_copies() -> None:
     assert "max_retries" not in second
     with pytest.raises(TypeError):
         defaults.BROKER_TRANSPORT_OPTIONS["x"] = 1  # type: ignore[index]
+
+
+@pytest.mark.parametrize("url", ["sqs://key@queue", "memory://", "localhost:6379", ""])
+def test_a_broker_other_than_redis_or_rabbitmq_is_refused_by_name(url: str) -> None:
+    with pytest.raises(SettingsError, match="neither Redis nor RabbitMQ"):
+        Client(url or "nothing://")
+    with pytest.raises(SettingsError, match="neither Redis nor RabbitMQ"):
+        celery_config(url)
+
+
+def test_a_refused_broker_url_never_shows_its_password() -> None:
+    with pytest.raises(SettingsError) as error:
+        Client("kafka://user:s3cret@host:9092")
+    assert "s3cret" not in str(error.value)

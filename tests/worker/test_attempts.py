@@ -25,6 +25,12 @@ def test_a_broker_without_redis_keeps_no_counts() -> None:
     assert counter.previous(["a"]) == {"a": 0}
 
 
+def test_on_rabbitmq_a_redis_result_backend_keeps_the_counts(redis_url: str) -> None:
+    counter = AttemptCounter("amqp://localhost//", redis_url)
+    counter.start(["a"])
+    assert AttemptCounter("amqp://other//", redis_url).previous(["a"]) == {"a": 1}
+
+
 def test_an_unreachable_redis_is_an_error_not_a_run_without_the_bound() -> None:
     counter = AttemptCounter(f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(AttemptsUnavailableError, match="cannot read job start counts"):

@@ -1,5 +1,6 @@
-"""The whole loop on real parts: a real redis-server, a real `omni-batch worker` process, S3 over
-HTTP (moto's server), the tiny model and real adapters. Nothing is mocked."""
+"""The whole loop on real parts: a real broker (a private redis-server, a RabbitMQ vhost), a real
+`omni-batch worker` process, S3 over HTTP (moto's server), the tiny model and real adapters.
+Nothing is mocked."""
 
 from __future__ import annotations
 
@@ -23,16 +24,16 @@ LOAD_SLACK = 2
 
 
 def test_interleaved_jobs_are_grouped_and_match_the_embedded_runner(
-    redis_url, s3_bucket, six_adapters, start_worker, tmp_path
+    broker, s3_bucket, six_adapters, start_worker, tmp_path
 ):
     jobs = [
         validate_job({"prompt": f"picture {i}", "adapter": name, "dataset": "e2e"})
         for i in range(10)
         for name in ADAPTERS
     ]
-    with Client(redis_url) as client:
+    with Client(broker.url) as client:
         client.submit_many(jobs)
-    start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri))
+    start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri))
 
     storage = open_storage(s3_bucket.uri)
     status = wait_settled(storage, "e2e", (j.job_id for j in jobs))
@@ -52,13 +53,13 @@ def test_interleaved_jobs_are_grouped_and_match_the_embedded_runner(
 
 
 def test_bad_jobs_fail_clearly_and_every_other_job_succeeds(
-    redis_url, redis_server, s3_bucket, six_adapters, start_worker, monkeypatch
+    broker, redis_url, s3_bucket, six_adapters, start_worker, monkeypatch
 ):
     results_url = redis_url.rsplit("/", 1)[0] + "/1"
     monkeypatch.setenv("OMNI_RESULT_BACKEND", results_url)
     good = [validate_job({"prompt": f"ok {i}", "adapter": ADAPTERS[i], "dataset": "mixed"}) for i in range(3)]
     unknown = validate_job({"prompt": "who?", "adapter": "no-such-style", "dataset": "mixed"})
-    with Client(redis_url) as client:
+    with Client(broker.url) as client:
         client.submit_many([*good, unknown])
         # A job that skipped the producer's checks, as any Celery client can send one.
         raw = {"job_id": "raw-bad-size", "dataset": "mixed", "prompt": "x", "width": 30}
@@ -72,7 +73,7 @@ def test_bad_jobs_fail_clearly_and_every_other_job_succeeds(
             task_id=late.job_id,
             expires=datetime.now(UTC) - timedelta(minutes=1),
         )
-    start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri))
+    start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri))
 
     storage = open_storage(s3_bucket.uri)
     expected = [*good, unknown]
@@ -90,7 +91,7 @@ def test_bad_jobs_fail_clearly_and_every_other_job_succeeds(
     assert "no-such-style" in missing["error"]
     bad_size = json.loads(storage.get_bytes(layout.error_key("mixed", "raw-bad-size")))
     assert bad_size["error_type"] == "JobValidationError" and "width" in bad_size["error"]
-    wait_drained(redis_server.client())
+    wait_drained(broker)
     assert not any(late.job_id in key for key in storage.list_keys("mixed/")), "an expired job ran"
 
     # With a result backend, a failed job is also Celery's FAILURE, with the reason.
@@ -100,14 +101,14 @@ def test_bad_jobs_fail_clearly_and_every_other_job_succeeds(
 
 
 def test_a_job_sent_twice_and_a_finished_dataset_generate_nothing_more(
-    redis_url, redis_server, s3_bucket, six_adapters, start_worker
+    broker, s3_bucket, six_adapters, start_worker
 ):
     jobs = [
         validate_job({"prompt": f"once {i}", "adapter": ADAPTERS[0], "dataset": "again"}) for i in range(3)
     ]
-    with Client(redis_url) as client:
+    with Client(broker.url) as client:
         client.submit_many([jobs[0], jobs[0]])
-        start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri))
+        start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri))
         storage = open_storage(s3_bucket.uri)
         wait_settled(storage, "again", [jobs[0].job_id])
         client.submit_many(jobs)
@@ -115,6 +116,6 @@ def test_a_job_sent_twice_and_a_finished_dataset_generate_nothing_more(
         first = {j.job_id: storage.get_bytes(layout.sidecar_key("again", j.job_id)) for j in jobs}
 
         client.submit_many(jobs)  # the whole dataset again
-        wait_drained(redis_server.client())
+        wait_drained(broker)
     # Every sidecar carries its run's timings: unchanged bytes mean nothing was generated again.
     assert {j.job_id: storage.get_bytes(layout.sidecar_key("again", j.job_id)) for j in jobs} == first

@@ -1,21 +1,27 @@
-"""Faults on real processes: workers killed and stopped, Redis and S3 going away, poison jobs.
+"""Faults on real processes: workers killed and stopped, the broker and S3 going away, poison jobs.
 
-Every test starts its own servers so it can kill them. Workers here use a visibility timeout of a
-few seconds so that a dead worker's jobs come back quickly; production uses 7200 s (see README).
+Tests whose behaviour is the same on both brokers run on each (`broker`, `restartable_broker`:
+Redis and RabbitMQ); the rest are Redis's own. Every test starts its own servers so it can kill
+them. Workers here use a visibility timeout of a few seconds so that a dead worker's jobs come back
+quickly from Redis; production uses 7200 s (see README). RabbitMQ returns them when the connection
+closes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import textwrap
 import time
+import uuid
 
 import boto3
 import pytest
+from fixtures.brokers import wait_for_counts
 from fixtures.embedded import assert_same_images_as_embedded
-from fixtures.redis_server import free_port, queued_messages
+from fixtures.redis_server import free_port
 from fixtures.worker_process import ADAPTERS, wait_settled, worker_flags
 from moto.server import ThreadedMotoServer
 
@@ -65,19 +71,19 @@ def _assert_each_once_with_the_right_bytes(storage, jobs, adapter_root, tmp_path
 
 
 def test_kill_9_mid_group_loses_nothing_and_duplicates_nothing(
-    redis_url, s3_bucket, six_adapters, start_worker, short_visibility, tmp_path
+    broker, s3_bucket, six_adapters, start_worker, short_visibility, tmp_path
 ):
     jobs = _jobs("killed", 24)
-    with Client(redis_url) as client:
+    with Client(broker.url) as client:
         client.submit_many(jobs)
     storage = open_storage(s3_bucket.uri)
     first = start_worker(
-        *worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL)
+        *worker_flags(broker.url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL)
     )
     _wait_for(lambda: any(k.endswith(".json") for k in storage.list_keys("killed/")), "a first sidecar")
     first.stop(signal.SIGKILL)
 
-    start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL))
+    start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL))
     wait_settled(storage, "killed", (j.job_id for j in jobs))
     _assert_each_once_with_the_right_bytes(storage, jobs, six_adapters, tmp_path)
 
@@ -103,70 +109,84 @@ def test_a_job_redelivered_while_held_is_not_lost_when_the_worker_dies(
     _assert_each_once_with_the_right_bytes(storage, jobs, six_adapters, tmp_path)
 
 
-def test_warm_shutdown_returns_buffered_jobs_at_once(
-    redis_url, redis_server, s3_bucket, six_adapters, start_worker
-):
-    jobs = _jobs("buffered", 5)
-    with Client(redis_url) as client:
-        client.submit_many(jobs)
-    # Never idle long enough to run a group: every job stays buffered, reserved but not started.
-    worker = start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "3600"))
-    redis = redis_server.client()
-    _wait_for(lambda: redis.hlen("unacked") == 5 and not queued_messages(redis, "omni"), "all 5 reserved")
+def _worker_holding_five(broker, dataset, s3_bucket, six_adapters, start_worker):
+    """A worker holding 5 jobs reserved and buffered; never idle long enough to start a group."""
+    with Client(broker.url) as client:
+        client.submit_many(_jobs(dataset, 5))
+    worker = start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri, "--idle", "3600"))
+    wait_for_counts(broker, lambda ready, unacked: (ready, unacked) == (0, 5), "all 5 reserved", timeout=120)
+    return worker
 
+
+def _wait_all_five_queued(broker) -> None:
+    wait_for_counts(
+        broker, lambda ready, unacked: (ready, unacked) == (5, 0), "the jobs back in the queue", timeout=15
+    )
+
+
+def test_warm_shutdown_returns_buffered_jobs_at_once(broker, s3_bucket, six_adapters, start_worker):
+    worker = _worker_holding_five(broker, "buffered", s3_bucket, six_adapters, start_worker)
     assert worker.stop(signal.SIGTERM) == 0
     # The visibility timeout is 7200 s here: only the shutdown can have put them back.
-    _wait_for(lambda: len(queued_messages(redis, "omni")) == 5, "the jobs back in the queue", timeout=15)
-    assert redis.hlen("unacked") == 0
+    _wait_all_five_queued(broker)
     assert not any(storage_key.endswith(".png") for storage_key in open_storage(s3_bucket.uri).list_keys())
 
 
-def test_redis_restart_with_persistence_keeps_queued_jobs_and_workers_reconnect(
-    redis_server_factory, s3_bucket, six_adapters, start_worker, short_visibility, tmp_path
+@pytest.mark.parametrize("broker", ["amqp"], indirect=True)
+def test_rabbitmq_returns_a_killed_workers_jobs_at_once(broker, s3_bucket, six_adapters, start_worker):
+    worker = _worker_holding_five(broker, "returned", s3_bucket, six_adapters, start_worker)
+    worker.stop(signal.SIGKILL)
+    # No visibility timeout: the closed connection alone puts them back.
+    _wait_all_five_queued(broker)
+
+
+def test_broker_restart_with_persistence_keeps_queued_jobs_and_workers_reconnect(
+    restartable_broker, s3_bucket, six_adapters, start_worker, short_visibility, tmp_path
 ):
-    redis = redis_server_factory(persistent=True)
+    broker = restartable_broker
     jobs = _jobs("restart", 12)
-    with Client(redis.url) as client:
+    with Client(broker.url) as client:
         client.submit_many(jobs)
-    redis.kill()
-    # While Redis is down a producer gets a clear error, never a silent loss.
-    with Client(redis.url) as client, pytest.raises(BrokerUnavailableError, match=r"127\.0\.0\.1"):
+    broker.kill()
+    # While the broker is down a producer gets a clear error, never a silent loss.
+    with Client(broker.url) as client, pytest.raises(BrokerUnavailableError, match=r"127\.0\.0\.1"):
         client.submit_many(_jobs("restart-late", 1))
-    redis.start()
-    assert len(queued_messages(redis.client(), "omni")) == 12, "the append-only file kept the queue"
+    broker.start()
+    assert broker.counts() == (12, 0), "the broker's persistence kept the queue"
 
     storage = open_storage(s3_bucket.uri)
-    start_worker(*worker_flags(redis.url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL))
+    start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL))
     _wait_for(lambda: any(k.endswith(".json") for k in storage.list_keys("restart/")), "a first sidecar")
-    redis.kill()
-    redis.start()  # same port: the worker reconnects on its own
+    broker.kill()
+    broker.start()  # same port: the worker reconnects on its own
     wait_settled(storage, "restart", (j.job_id for j in jobs))
     _assert_each_once_with_the_right_bytes(storage, jobs, six_adapters, tmp_path)
 
 
 def test_s3_outage_is_waited_out_without_regenerating(
-    redis_url, six_adapters, start_worker, s3_server, monkeypatch
+    broker, six_adapters, start_worker, s3_server, monkeypatch
 ):
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     s3.start()
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="outage")
+    # moto keeps buckets per process: a bucket of its own, or another broker's run left the outputs.
+    bucket = f"outage-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     s3.stop()
 
     jobs = _jobs("outage", 4)
-    with Client(redis_url) as client:
+    with Client(broker.url) as client:
         client.submit_many(jobs)
-    flags = worker_flags(redis_url, six_adapters, "s3://outage/out", "--idle", "0.2", "--loglevel", "DEBUG")
+    out = f"s3://{bucket}/out"
+    flags = worker_flags(broker.url, six_adapters, out, "--idle", "0.2", "--loglevel", "DEBUG")
     monkeypatch.setenv("OMNI_S3_ENDPOINT_URL", endpoint)
     worker = start_worker(*flags)
     _wait_for(lambda: "retry" in worker.log, "a failed store and its retry")
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     s3.start()
     try:
-        wait_settled(
-            open_storage("s3://outage/out", endpoint_url=endpoint), "outage", (j.job_id for j in jobs)
-        )
+        wait_settled(open_storage(out, endpoint_url=endpoint), "outage", (j.job_id for j in jobs))
     finally:
         s3.stop()
     runs = sum(int(n) for n in re.findall(r"running (\d+) job\(s\)", worker.log))
@@ -194,16 +214,19 @@ CRASH_HOOK = textwrap.dedent(
 
 
 def test_a_poison_job_is_failed_after_a_bound_and_the_rest_complete(
-    redis_url, s3_bucket, six_adapters, start_worker, short_visibility, monkeypatch, tmp_path
+    broker, redis_url, s3_bucket, six_adapters, start_worker, short_visibility, monkeypatch, tmp_path
 ):
+    if broker.kind == "amqp":  # RabbitMQ has nowhere to count starts: a Redis result backend does
+        monkeypatch.setenv("OMNI_RESULT_BACKEND", redis_url)
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(CRASH_HOOK)
-    monkeypatch.setenv("PYTHONPATH", str(hook))
+    # Before the tree's own path, if any: the worker must run this tree's code, not an installed one.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("OMNI_MAX_ATTEMPTS", "2")
     poison = validate_job({"prompt": "please crash the worker", "dataset": "poison"})
     good = [validate_job({"prompt": f"fine {i}", "dataset": "poison"}) for i in range(3)]
-    with Client(redis_url) as client:
+    with Client(broker.url) as client:
         client.submit_many([poison, *good])
 
     storage = open_storage(s3_bucket.uri)
@@ -216,7 +239,7 @@ def test_a_poison_job_is_failed_after_a_bound_and_the_rest_complete(
 
     crashes = 0
     while True:
-        worker = start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "0.2"))
+        worker = start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri, "--idle", "0.2"))
         _wait_for(
             lambda w=worker: w.proc.poll() is not None or settled(), "a crash or every job settled", 180
         )

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+from fixtures.brokers import RedisBroker
 from fixtures.redis_server import HOST, free_port, queued_messages
 from fixtures.s3_server import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY
 from fixtures.worker_process import wait_drained, wait_settled
@@ -148,8 +149,7 @@ def test_a_whole_run_leaks_no_secret(
         storage, DATASET, {*(j.job_id for j in [*good, unknown]), raw["job_id"]}, worker=worker
     )
     assert status.done == 3 and status.failed == 2
-    with server.client() as client:
-        wait_drained(client)
+    wait_drained(RedisBroker(server))
     # The result backend holds the failures (so the scan below reads real records).
     with redis.Redis(host=HOST, port=server.port, password=REDIS_PASSWORD, db=1) as results:
         assert any(results.scan_iter(match="celery-task-meta-*"))

@@ -15,6 +15,7 @@ from typing import Any
 
 from celery import Celery
 from celery.result import AsyncResult
+from fixtures.brokers import RedisBroker
 from fixtures.hostile import Exploit
 from fixtures.worker_process import assert_alive, wait_drained, wait_settled
 from kombu import Connection
@@ -124,7 +125,7 @@ def test_pickle_and_foreign_tasks_are_refused_and_run_nothing(
         }
         for task_id, call in odd.items():
             client.app.send_task(d.TASK_NAME, queue=d.QUEUE, task_id=task_id, **call)
-    wait_drained(redis_server.client(), worker=worker)
+    wait_drained(RedisBroker(redis_server), worker=worker)
 
     for task_id in odd:
         record = _record(storage, d.DEFAULT_DATASET, task_id)
@@ -145,7 +146,7 @@ def test_celery_builtin_tasks_are_not_served(redis_url, redis_server, start_work
             "accumulate": client.app.send_task("celery.accumulate", args=[1, 2], queue=d.QUEUE).id,
             "cleanup": client.app.send_task("celery.backend_cleanup", queue=d.QUEUE).id,
         }
-    wait_drained(redis_server.client(), worker=worker)
+    wait_drained(RedisBroker(redis_server), worker=worker)
     _serves_a_good_job(redis_url, open_storage(out), worker, "builtins")
 
     results = Celery(backend=results_url, set_as_current=False)
@@ -161,7 +162,7 @@ def test_malformed_envelopes_are_discarded_and_the_worker_keeps_serving(
     bodies = [b'"hello"', b"[1, 2]", b"null", b"42", b"{}", b"[]", b"[[], {}]", b"\xff\xfe not utf-8"]
     for body in bodies:
         _publish_raw(redis_url, body, content_type="application/json")
-    wait_drained(redis_server.client(), worker=worker)
+    wait_drained(RedisBroker(redis_server), worker=worker)
     _serves_a_good_job(redis_url, open_storage(out), worker, "envelopes")
     assert_alive(worker)
 
