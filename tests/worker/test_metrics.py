@@ -13,6 +13,7 @@ import urllib.request
 from collections import Counter, defaultdict
 
 import pytest
+from fixtures.brokers import RedisBroker
 from fixtures.redis_server import free_port
 from fixtures.worker_process import (
     ADAPTERS,
@@ -85,8 +86,7 @@ def test_a_scraped_worker_reports_what_happened(
     worker = start_worker(*flags, "--metrics-port", str(port), "--summary-interval", "1")
     storage = open_storage(s3_bucket.uri)
     wait_settled(storage, DATASET, [j.job_id for j in [*good, unknown]], worker=worker)
-    with redis_server.client() as redis_client:
-        wait_drained(redis_client, worker=worker)
+    wait_drained(RedisBroker(redis_server), worker=worker)
 
     def settled(s: dict) -> bool:
         return (
@@ -147,13 +147,21 @@ def test_a_scraped_worker_reports_what_happened(
     assert samples[("omni_group_jobs_count", ())] == len(calls)
 
 
-def test_a_taken_metrics_port_stops_the_worker_with_a_clear_error(redis_url):
+def test_a_taken_metrics_port_stops_the_worker_with_a_clear_error(redis_url, tmp_path):
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
         port = taken.getsockname()[1]
         run = subprocess.run(
-            [str(OMNI_BATCH), "worker", "--broker", redis_url, "--metrics-port", str(port)],
+            [
+                str(OMNI_BATCH),
+                "worker",
+                "--broker",
+                redis_url,
+                "--out",
+                str(tmp_path),
+                *("--metrics-port", str(port)),
+            ],
             capture_output=True,
             text=True,
             timeout=READY_TIMEOUT_S,
