@@ -5,4 +5,5 @@ pytest_plugins = [
     "fixtures.s3_server",
     "fixtures.engine",
     "fixtures.worker_process",
+    "fixtures.cpu_hogs",
 ]
