@@ -115,6 +115,18 @@ def test_a_job_redelivered_while_held_is_not_lost_when_the_worker_dies(
     _assert_each_once_with_the_right_bytes(storage, jobs, six_adapters, tmp_path)
 
 
+def _held_in_a_window(jobs, redis_url, redis, start_worker, adapters, out: str, *extra: str):
+    """Submit the jobs to a worker that never runs a group: each waits in its window, reserved."""
+    with Client(redis_url) as client:
+        client.submit_many(jobs)
+    worker = start_worker(*worker_flags(redis_url, adapters, out, "--idle", "3600", *extra))
+    _wait_for(
+        lambda: redis.hlen("unacked") == len(jobs) and not queued_messages(redis, "omni"),
+        f"all {len(jobs)} reserved",
+    )
+    return worker
+
+
 # The time-compressed lease test: 30 timeouts, as 30 minutes are at the shipped 60 s.
 LEASE_TIMEOUT_S = 2
 TIMEOUTS_HELD = 30
@@ -125,14 +137,9 @@ def test_a_job_held_many_timeouts_long_by_a_live_worker_is_never_redelivered(
 ):
     monkeypatch.setenv("OMNI_VISIBILITY_TIMEOUT", str(LEASE_TIMEOUT_S))
     jobs = _jobs("leased", 5)
-    with Client(redis_url) as client:
-        client.submit_many(jobs)
-    # Never idle long enough to run a group: every job waits in the window, reserved.
-    holder = start_worker(
-        *worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "3600", "--loglevel", "DEBUG")
-    )
     redis = redis_server.client()
-    _wait_for(lambda: redis.hlen("unacked") == 5, "all 5 reserved")
+    debug = ("--loglevel", "DEBUG")
+    holder = _held_in_a_window(jobs, redis_url, redis, start_worker, six_adapters, s3_bucket.uri, *debug)
     taken_at = {tag: score for tag, score in redis.zrange("unacked_index", 0, -1, withscores=True)}
 
     def held_long_enough() -> bool:
@@ -302,11 +309,8 @@ def test_a_job_restored_while_its_worker_is_frozen_is_not_lost_when_it_dies(
     # to the queue (the visibility sweep's own restore), and the worker is killed. A pop that Redis
     # served but the worker never recorded would leave the job in no list and not in unacked.
     jobs = _jobs("frozen", 3)
-    with Client(redis_url) as client:
-        client.submit_many(jobs)
-    holder = start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "3600"))
     redis = redis_server.client()
-    _wait_for(lambda: redis.hlen("unacked") == 3 and not queued_messages(redis, "omni"), "all 3 reserved")
+    holder = _held_in_a_window(jobs, redis_url, redis, start_worker, six_adapters, s3_bucket.uri)
     tag = redis.hkeys("unacked")[0].decode()
     with reserved_restorer(redis_url) as restore:
         _freeze_while_blocked(holder, redis)
