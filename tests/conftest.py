@@ -8,4 +8,5 @@ pytest_plugins = [
     "fixtures.worker_process",
     "fixtures.api_server",
     "fixtures.beat_process",
+    "fixtures.cpu_hogs",
 ]

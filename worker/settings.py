@@ -29,10 +29,10 @@ if TYPE_CHECKING:
     from omni_engine import Omni
 
 DEFAULT_WINDOW = 64
-# Redis redelivers a reserved, unacked job after this long. It must exceed the longest a job can
-# sit in the window (a priority-0 job waits up to 2 x max wait) plus a group's run and upload, or a
-# slow job would run twice (harmless, outputs are idempotent, but wasted).
-DEFAULT_VISIBILITY_TIMEOUT_S = 7200
+# Redis redelivers a reserved job whose lease has not been renewed for this long. A live worker
+# renews the lease of every job it holds (worker.leases), however long the job waits, so this is
+# only how soon a dead worker's jobs come back; it must stay well above a renewal's worst delay.
+DEFAULT_VISIBILITY_TIMEOUT_S = 60
 # The worker runs a group once no new job has arrived for this long (or the window is full).
 DEFAULT_IDLE_S = 0.2
 # Storing a result: attempts when the storage is unreachable, and the first backoff (doubling).
