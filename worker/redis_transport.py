@@ -35,7 +35,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from producer.client import broker_priority
+from producer.broker import BrokerKind, broker_priority
 from producer.defaults import DEFAULT_PRIORITY, MAX_PRIORITY
 from worker.leases import LeaseKeeper
 
@@ -100,7 +100,7 @@ def job_broker_priority(payload: dict[str, Any]) -> int | None:
     priority = job.get("priority", DEFAULT_PRIORITY) if isinstance(job, dict) else None
     if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
         return None  # not a job's priority: the worker refuses the job on receipt, naming the field
-    return broker_priority(priority)
+    return broker_priority(priority, BrokerKind.REDIS)
 
 
 class QoS(kombu_redis.QoS):

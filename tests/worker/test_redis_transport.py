@@ -17,7 +17,8 @@ from fixtures.redis_server import priority_key, queued_messages, reserved_restor
 from kombu import Connection, Consumer, Queue
 
 from producer import defaults as d
-from producer.client import Client, broker_priority, celery_config
+from producer.broker import BrokerKind, broker_priority
+from producer.client import Client, celery_config
 from producer.schema import validate_job
 from worker.leases import LeaseKeeper
 from worker.redis_transport import Transport
@@ -91,7 +92,7 @@ def test_a_taken_message_is_reserved_in_kombus_format_so_kombus_restore_returns_
         with reserved_restorer(redis_url) as restore:
             restore(taken["tag"])
     (after,) = queued_messages(redis, d.QUEUE)
-    assert after["key"] == priority_key(d.QUEUE, broker_priority(7))
+    assert after["key"] == priority_key(d.QUEUE, broker_priority(7, BrokerKind.REDIS))
     assert after["decoded_body"] == before[0]["decoded_body"] == json.loads(base64.b64decode(payload["body"]))
 
 
@@ -110,7 +111,7 @@ def test_a_message_sent_without_a_priority_is_served_at_the_default_priority(red
 
     taken = _take(redis_url, 3)
     assert [t["job"]["prompt"] for t in taken] == ["urgent", "default", "raw"]
-    assert taken[2]["priority"] == broker_priority(d.DEFAULT_PRIORITY)
+    assert taken[2]["priority"] == broker_priority(d.DEFAULT_PRIORITY, BrokerKind.REDIS)
     assert not redis_server.client().hlen("unacked")
 
 
