@@ -7,7 +7,7 @@ COPY pyproject.toml README.md ./
 COPY omni_engine ./omni_engine
 COPY producer ./producer
 COPY worker ./worker
-RUN pip install --no-cache-dir ".[worker]"
+RUN pip install --no-cache-dir ".[worker,api]"
 
 # Not root: the worker only needs to read adapters and the model cache and write the cache.
 RUN useradd --create-home omni && mkdir -p /models /adapters && chown omni /models
