@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 import requests
-from fixtures.api_server import OMNI_BATCH, TOKEN
+from fixtures.api_server import TOKEN
+from fixtures.command_process import OMNI_BATCH
 from fixtures.redis_server import free_port, queued_messages
 
 from producer.schema import validate_job

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from fixtures.beat_process import OMNI_BATCH, BeatProcess, beat_flags
+from fixtures.beat_process import BeatProcess, beat_flags
+from fixtures.command_process import OMNI_BATCH
 from fixtures.redis_server import queued_messages
 
 from producer import settings

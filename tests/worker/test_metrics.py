@@ -14,11 +14,11 @@ from collections import Counter, defaultdict
 
 import pytest
 from fixtures.brokers import RedisBroker
+from fixtures.command_process import OMNI_BATCH
 from fixtures.redis_server import free_port
 from fixtures.worker_process import (
     ADAPTERS,
     DONE_TIMEOUT_S,
-    OMNI_BATCH,
     POLL_S,
     READY_TIMEOUT_S,
     assert_alive,

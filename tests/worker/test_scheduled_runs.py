@@ -9,7 +9,8 @@ from datetime import datetime
 from pathlib import Path
 
 import redis
-from fixtures.beat_process import OMNI_BATCH, beat_flags
+from fixtures.beat_process import beat_flags
+from fixtures.command_process import OMNI_BATCH
 from fixtures.worker_process import wait_settled, worker_flags
 
 from producer import layout

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 
-from fixtures.worker_process import OMNI_BATCH, READY_TIMEOUT_S
+from fixtures.command_process import OMNI_BATCH
+from fixtures.worker_process import READY_TIMEOUT_S
 
 from producer.cli import EXIT_FAILURE, EXIT_USAGE
 from producer.settings import ENV_OUTPUT_ROOTS, ENV_OUTPUT_URI
