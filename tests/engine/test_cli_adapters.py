@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
-# The console script sits beside the interpreter running the tests (the project's venv).
-OMNI_BATCH = Path(sys.executable).parent / "omni-batch"
+from fixtures.command_process import OMNI_BATCH
 
 
 def _validate(*args: str) -> subprocess.CompletedProcess:

@@ -10,16 +10,16 @@ import pty
 import select
 import struct
 import subprocess
-import sys
 import termios
 import time
 from pathlib import Path
+
+from fixtures.command_process import OMNI_BATCH
 
 from producer.layout import sidecar_key
 from producer.schema import validate_job
 from producer.storage import LocalStorage
 
-OMNI_BATCH = Path(sys.executable).with_name("omni-batch")
 TIMEOUT_S = 300
 
 

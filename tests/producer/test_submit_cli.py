@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import redis
+from fixtures.command_process import OMNI_BATCH
 from fixtures.redis_server import RedisServer, free_port, queued_messages
 
 from producer import settings
 from producer.cli import main
-
-OMNI_BATCH = Path(sys.executable).with_name("omni-batch")
 
 
 @pytest.fixture(autouse=True)

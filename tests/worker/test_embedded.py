@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from io import BytesIO
-from pathlib import Path
 
 import pytest
+from fixtures.command_process import OMNI_BATCH
 from PIL import Image
 
 from omni_engine import Omni
@@ -19,8 +18,6 @@ from producer.storage import open_storage
 from worker.demo import DEMO_ADAPTERS, DEMO_DATASET, demo_jobs, run_demo
 from worker.embedded import run_jobs
 from worker.settings import WorkerSettings
-
-OMNI_BATCH = Path(sys.executable).parent / "omni-batch"
 
 
 def test_demo_writes_every_image_with_minimum_loads_and_reruns_as_a_no_op(tmp_path):

@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 from fixtures.brokers import RedisBroker
+from fixtures.command_process import OMNI_BATCH
 from fixtures.redis_server import HOST, free_port, queued_messages
 from fixtures.s3_server import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY
 from fixtures.worker_process import wait_drained, wait_settled
@@ -31,7 +31,6 @@ from producer.storage import open_storage
 
 REDIS_PASSWORD = "omni-test-redis-pass"
 SECRETS = (FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, REDIS_PASSWORD)
-OMNI_BATCH = Path(sys.executable).with_name("omni-batch")
 DATASET = "secrets"
 SUBMIT_TIMEOUT_S = 60
 
