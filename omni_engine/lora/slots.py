@@ -179,7 +179,6 @@ class SlotBank:
         """
         old = self._name
         new = next(name for name in ADAPTER_NAMES if name != old)
-        self._active = None
         stub: dict[str, torch.Tensor] = {}
         for module in modules:
             shape_a, shape_b = self._shapes[module].lora_shapes(1)
