@@ -327,7 +327,11 @@ def test_a_poison_job_is_failed_after_a_bound_and_the_rest_complete(
     record = json.loads(storage.get_bytes(layout.error_key("poison", poison.job_id)))
     assert record["error_type"] == "PoisonJobError" and "not run again" in record["error"]
     for job in good:
-        assert storage.exists(layout.sidecar_key("poison", job.job_id))
+        error_key = layout.error_key("poison", job.job_id)
+        why = storage.get_bytes(error_key).decode() if storage.exists(error_key) else "no error record"
+        assert storage.exists(layout.sidecar_key("poison", job.job_id)), (
+            f"{job.prompt!r}: {why}\n{worker.log[-6000:]}"
+        )
 
 
 def _freeze_while_blocked(worker, redis) -> None:
