@@ -68,16 +68,13 @@ def grouped_order(jobs: Sequence[Job]) -> list[Job]:
     A whole dataset queued in this order is drained by a worker with about one adapter load per
     adapter, where the order of a file would have it meet every adapter in every window.
     """
-    first: dict[tuple[object, ...], int] = {}
-    for index, job in enumerate(jobs):
-        first.setdefault((job.priority, job.adapter), index)
-        first.setdefault((job.priority, job.adapter, job.batch_key()), index)
-
-    def place(job: Job) -> tuple[int, int, int]:
-        run = (job.priority, job.adapter)
-        return -job.priority, first[run], first[(*run, job.batch_key())]
-
-    return sorted(jobs, key=place)
+    runs = [(job.priority, job.adapter, job.batch_key()) for job in jobs]
+    first: dict[tuple[object, ...], int] = {}  # where each (priority, adapter) and its batch key begin
+    for index, run in enumerate(runs):
+        first.setdefault(run[:2], index)
+        first.setdefault(run, index)
+    order = sorted(range(len(jobs)), key=lambda i: (-runs[i][0], first[runs[i][:2]], first[runs[i]]))
+    return [jobs[i] for i in order]
 
 
 class Client:
