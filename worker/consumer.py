@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from celery.backends.base import DisabledBackend
@@ -234,15 +234,20 @@ class GroupingConsumer:
         if not runnable:
             return
         # A job started before and never finished runs alone: it cannot take a batch down with it.
+        # Nor can it take a job stored in the background: it runs with no other outcome in flight.
         retried = any(previous[p.job_id] for p in runnable)
         batches = [[p] for p in runnable] if retried else [runnable]
         for i, batch in enumerate(batches):
+            if retried:
+                self.settle()
             try:
                 self.attempts.start(p.job_id for p in batch)
             except AttemptsUnavailableError as e:
                 self._requeue([p for rest in batches[i:] for p in rest], e)
                 return
             self._generate(batch)
+        if retried:
+            self.settle()
 
     def _generate(self, batch: list[Pending]) -> None:
         items = [p.payload[1] for p in batch]
@@ -268,6 +273,13 @@ class GroupingConsumer:
     def _store_all(self, results: list[Result]) -> list[StorageError | None]:
         attempts, backoff = self.settings.store_attempts, self.settings.store_backoff_s
         return [store_with_retry(result, attempts=attempts, backoff_s=backoff) for result in results]
+
+    def settle(self) -> None:
+        """Wait until every outcome in flight is stored and acked. Around a job that may kill the
+        worker: else a job whose outcome was still being stored would be counted as crashed with
+        it, and failed as poison once that count reached the bound."""
+        wait([future for future, _, _ in self.uploads])
+        self.harvest()
 
     def harvest(self) -> None:
         """Ack what is stored, in order; on the consumer's thread, where the channel lives."""

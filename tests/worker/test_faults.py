@@ -271,11 +271,14 @@ def test_s3_outage_is_waited_out_without_regenerating(
 CRASH_HOOK = textwrap.dedent(
     """
     # Test-only: a GPU driver crash cannot be produced on purpose, so a job whose prompt says so
-    # kills its worker process with SIGKILL, as a segfault would.
-    import os, signal
+    # kills its worker process with SIGKILL, as a segfault would. Storing is slowed, as a distant
+    # bucket would be, so other jobs' outcomes are still in flight when that job runs.
+    import os, signal, time
     from omni_engine import engine
+    from worker import execute
 
     _generate = engine.Omni.generate
+    _store_with_retry = execute.store_with_retry
 
     def generate(self, prompt, **kwargs):
         prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -283,7 +286,12 @@ CRASH_HOOK = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         return _generate(self, prompt, **kwargs)
 
+    def store_with_retry(result, **kwargs):
+        time.sleep(0.5)
+        return _store_with_retry(result, **kwargs)
+
     engine.Omni.generate = generate
+    execute.store_with_retry = store_with_retry
     """
 )
 
@@ -301,8 +309,9 @@ def test_a_poison_job_is_failed_after_a_bound_and_the_rest_complete(
     monkeypatch.setenv("OMNI_MAX_ATTEMPTS", "2")
     poison = validate_job({"prompt": "please crash the worker", "dataset": "poison"})
     good = [validate_job({"prompt": f"fine {i}", "dataset": "poison"}) for i in range(3)]
-    with Client(broker.url) as client:
-        client.submit_many([poison, *good])
+    with Client(broker.url) as client:  # the good jobs first: they may run before it, after a crash too
+        client.submit_many(good)
+        client.submit(poison)
 
     storage = open_storage(s3_bucket.uri)
     expected = frozenset(j.job_id for j in [poison, *good])
