@@ -2,16 +2,17 @@
 diffusers loop, side by side in one process.
 
     python bench/tax.py [--models tiny-sd3 small-sd3] [--jobs 48] [--adapters 24] [--rank 16]
-                        [--modes base omni-batch omni-batch-fuse-never omni-batch-fuse-always
-                                 diffusers-loop] [--reps 5]
+                        [--modes base omni-batch omni-batch-no-mix omni-batch-fuse-never
+                                 omni-batch-fuse-always diffusers-loop] [--reps 5] [--cache 2 4]
 
 Every row runs the same N jobs (fixed prompts and seeds; adapters drawn Zipf(1.0) from a fixed
 seed over A rank-r adapters) on a fresh pipeline warmed up with one image, timed end to end with
 the images stored. `base` runs the jobs with no adapter: the ceiling every other row is a ratio
 of. The omni-batch rows are the embedded runner (the worker's scheduler, engine and storage) with
-a cache of 2 resident and 4 held adapters; `diffusers-loop` is what a user writes instead: per job,
-`load_lora_weights`, one image, `unload_lora_weights`. The loop's images are checked against base
-(the LoRA must change every image) and against omni-batch's (they must match within rounding).
+a cache of 2 resident and 4 held adapters (`--cache`); `omni-batch-no-mix` never mixes adapters
+in a call. `diffusers-loop` is what a user writes instead: per job, `load_lora_weights`, one
+image, `unload_lora_weights`. The loop's images are checked against base (the LoRA must change
+every image) and against omni-batch's (they must match within rounding).
 
 A second table sets a host-cache hit against a plain copy of the same adapter's bytes, with the
 resident switch and scale change as bench/engine.py measures them.
@@ -48,9 +49,8 @@ from worker.embedded import run_jobs
 from worker.settings import WorkerSettings, build_engine
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "ff.net.2")
-# The omni-batch rows' cache: fewer slots than adapters, so the scheduler's order matters.
-MAX_LORAS = 2
-MAX_CPU_LORAS = 4
+# The omni-batch rows' cache (--cache): fewer slots than adapters, so the scheduler's order matters.
+CACHE = (2, 4)
 # The file name diffusers' save_lora_weights writes and load_lora_weights looks for.
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 DATASET = "tax"
@@ -63,11 +63,12 @@ MIN_LORA_CHANGE = 8
 # ...and the loop's image must match omni-batch's unfused image within this (batching, rounding).
 MATCH_TOLERANCE = 2
 
-# --modes name -> (row label, fuse option: None leaves the engine and worker at their defaults).
-EMBEDDED_MODES: dict[str, tuple[str, str | None]] = {
-    "omni-batch": ("omni-batch (fuse auto)", None),
-    "omni-batch-fuse-never": ("omni-batch (fuse never)", "never"),
-    "omni-batch-fuse-always": ("omni-batch (fuse always)", "always"),
+# --modes name -> (row label, worker settings that differ from the defaults).
+EMBEDDED_MODES: dict[str, tuple[str, dict[str, object]]] = {
+    "omni-batch": ("omni-batch (defaults: fuse auto, mixed calls)", {}),
+    "omni-batch-no-mix": ("omni-batch (fuse auto, one adapter a call)", {"mix_adapters": 1}),
+    "omni-batch-fuse-never": ("omni-batch (fuse never)", {"fuse": "never"}),
+    "omni-batch-fuse-always": ("omni-batch (fuse always)", {"fuse": "always"}),
 }
 MODES = ("base", *EMBEDDED_MODES, "diffusers-loop")
 # The row whose images the loop must match: the first of these that ran (unfused, when fuse exists).
@@ -134,19 +135,15 @@ def make_workload(model: str, *, jobs: int, adapters: int, rank: int, workdir: P
     )
 
 
-def run_embedded(work: Workload, mode: str, out: Path) -> Row:
+def run_embedded(work: Workload, mode: str, out: Path, cache: tuple[int, int]) -> Row:
     """The embedded runner, with the settings it gets in production and a fresh engine."""
     if mode == "base":
-        label, fuse, jobs, cache = "base (no adapter)", None, work.base_jobs, {}
+        label, jobs, overrides = "base (no adapter)", work.base_jobs, {}
     else:
-        (label, fuse), jobs = EMBEDDED_MODES[mode], work.jobs
-        cache = {"max_loras": MAX_LORAS, "max_cpu_loras": MAX_CPU_LORAS}
+        (label, overrides), jobs = EMBEDDED_MODES[mode], work.jobs
+        overrides = {"max_loras": cache[0], "max_cpu_loras": cache[1], **overrides}
     settings = WorkerSettings(
-        model=work.model,
-        adapter_roots=(str(work.adapter_root),),
-        output_uri=str(out),
-        **cache,
-        **({"fuse": fuse} if fuse is not None else {}),
+        model=work.model, adapter_roots=(str(work.adapter_root),), output_uri=str(out), **overrides
     )
     engine = build_engine(settings)  # as the worker builds it
     engine.generate("warm up", seed=0)
@@ -308,7 +305,7 @@ def print_tables(work: Workload, rows: dict[str, Row], host: dict[str, float] | 
     adapters_used = len({j.adapter for j in work.jobs})
     print(
         f"\n### {work.model}: {len(work.jobs)} jobs, adapters Zipf(1.0) over {args.adapters} "
-        f"(rank {args.rank}, {adapters_used} used), cache {MAX_LORAS} resident / {MAX_CPU_LORAS} held\n"
+        f"(rank {args.rank}, {adapters_used} used), cache {args.cache[0]} resident / {args.cache[1]} held\n"
     )
     base = rows.get("base")
     print("| config | wall s | vs base | images/s | disk loads | adapter stall, % of wall |")
@@ -352,6 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--reps", type=int, default=5, help="repetitions of the host-hit table")
+    parser.add_argument(
+        "--cache",
+        nargs=2,
+        type=int,
+        default=list(CACHE),
+        metavar=("RESIDENT", "HELD"),
+        help="the omni-batch rows' max_loras and max_cpu_loras (the worker's defaults: 4 16)",
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.adapters < 2:
         parser.error("--jobs must be >= 1 and --adapters >= 2")
@@ -372,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows[mode] = (
                     run_diffusers_loop(work, out)
                     if mode == "diffusers-loop"
-                    else run_embedded(work, mode, out)
+                    else run_embedded(work, mode, out, tuple(args.cache))
                 )
             host = measure_host_hit(work, args.reps) if args.reps > 0 else None
             print_tables(work, rows, host, args)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from omni_engine.defaults import DEFAULT_MAX_CPU_LORAS, DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS
-from omni_engine.lora.adapter import DEFAULT_MAX_ADAPTER_BYTES
+from omni_engine.lora.adapter import DEFAULT_MAX_ADAPTER_BYTES, LoRAAdapter
 from omni_engine.lora.fuse_mode import FuseMode
 from omni_engine.lora.fusion import fused
 from omni_engine.lora.manager import LoRAInfo, LoRAManager
@@ -120,8 +120,8 @@ class Omni:
         self,
         prompt: str | list[str],
         *,
-        lora_request: LoRARequest | None = None,
-        lora_scale: float = 1.0,
+        lora_request: LoRARequest | list[LoRARequest | None] | None = None,
+        lora_scale: float | list[float] = 1.0,
         seed: int | list[int] | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
@@ -129,24 +129,29 @@ class Omni:
         width: int | None = None,
         negative_prompt: str | None = None,
     ) -> list[OmniRequestOutput]:
-        """One output per prompt, all in one pipeline call with one adapter at one scale.
+        """One output per prompt, all in one pipeline call.
 
         `seed` may be one int (prompt i uses seed + i) or one per prompt; omitted, a random seed
         is drawn and recorded. A prompt's image depends only on its own seed.
+        `lora_request` and `lora_scale` may also be given per prompt: a call that mixes adapters
+        (up to `max_loras` of them) runs them unfused, each on its own prompts' rows.
         """
         # 1. Check inputs.
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise ValueError(f"prompt must be a non-empty string or list of them, got {prompt!r}")
         seeds = self._seeds(seed, len(prompts))
-        if (
-            isinstance(lora_scale, bool)
-            or not isinstance(lora_scale, int | float)
-            or not math.isfinite(lora_scale)
-        ):
-            raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}")
-        if lora_request is not None and not isinstance(lora_request, LoRARequest):
-            raise TypeError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        requests = _per_prompt("lora_request", lora_request, len(prompts))
+        scales = _per_prompt("lora_scale", lora_scale, len(prompts))
+        for scale in scales:
+            if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+                raise ValueError(f"lora_scale must be a finite number, got {scale!r}")
+        scales = [float(scale) for scale in scales]
+        for request in requests:
+            if request is not None and not isinstance(request, LoRARequest):
+                raise TypeError(f"lora_request must be a LoRARequest, got {type(request).__name__}")
+        calls = {(r.lora_path if r is not None else None, s) for r, s in zip(requests, scales, strict=True)}
+        mixed = len(calls) > 1
         defaults = self._model.defaults
         height = self._check_size("height", height if height is not None else defaults.height)
         width = self._check_size("width", width if width is not None else defaults.width)
@@ -168,16 +173,21 @@ class Omni:
             if value is not None:
                 call[key] = value
 
-        with self._lock, contextlib.ExitStack() as merged:
+        with self._lock, contextlib.ExitStack() as applied:
             # 2. Activate the adapter (a switch if resident, a load otherwise), or merge it into
-            #    the weights for this call (fused: restored exactly when the call ends).
+            #    the weights for this call (fused: restored exactly when the call ends); or, for
+            #    a mixed call, make every adapter resident and route each prompt to its own.
             started = time.perf_counter()
-            activation = self._lora.activate(
-                lora_request, float(lora_scale), fuse=self._fuses(len(prompts), steps)
-            )
-            adapter, source = activation.adapter, activation.source
-            if activation.fused:
-                merged.enter_context(fused(self._model.denoiser, adapter, float(lora_scale)))
+            if mixed:
+                activations, context = self._lora.activate_mixed(requests, scales)
+                applied.enter_context(context)
+            else:
+                activation = self._lora.activate(
+                    requests[0], scales[0], fuse=self._fuses(len(prompts), steps)
+                )
+                if activation.fused:
+                    applied.enter_context(fused(self._model.denoiser, activation.adapter, scales[0]))
+                activations = [activation] * len(prompts)
             adapter_s = time.perf_counter() - started
 
             # 3. Denoise, one generator per prompt so batching never changes an image.
@@ -186,22 +196,8 @@ class Omni:
             images = self._model.pipeline(generator=generators, **call).images
             generate_s = time.perf_counter() - started
 
-        lora = None
-        if adapter is not None:
-            lora = {
-                "name": lora_request.lora_name,
-                "lora_int_id": lora_request.lora_int_id,
-                "path": str(adapter.path),
-                "sha256": adapter.sha256,
-                "config_sha256": adapter.config_sha256,
-                "rank": adapter.max_rank,
-            }
         shared = {
             "model": self._model.model_id,
-            "lora": lora,
-            "lora_scale": float(lora_scale),
-            "adapter_source": source,
-            "fused": activation.fused,
             "num_inference_steps": steps,
             "guidance_scale": guidance,
             "height": height,
@@ -211,11 +207,29 @@ class Omni:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "versions": dict(self._versions),
-            "timings": {"adapter_s": adapter_s, "stall_s": activation.stall_s, "generate_s": generate_s},
         }
         return [
-            OmniRequestOutput(prompt=p, images=[image], metadata={"seed": s, **shared})
-            for p, s, image in zip(prompts, seeds, images, strict=True)
+            OmniRequestOutput(
+                prompt=p,
+                images=[image],
+                metadata={
+                    "seed": s,
+                    **shared,
+                    "lora": _lora_record(request, activation.adapter),
+                    "lora_scale": scale,
+                    "adapter_source": activation.source,
+                    "fused": activation.fused,
+                    "mixed": mixed,
+                    "timings": {
+                        "adapter_s": adapter_s,
+                        "stall_s": activation.stall_s,
+                        "generate_s": generate_s,
+                    },
+                },
+            )
+            for p, s, image, request, scale, activation in zip(
+                prompts, seeds, images, requests, scales, activations, strict=True
+            )
         ]
 
     def add_lora(self, lora_request: LoRARequest) -> bool:
@@ -295,6 +309,29 @@ class Omni:
             if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
                 raise ValueError(f"seed must be an int in 0..2**63-1, got {s!r}")
         return seeds
+
+
+def _per_prompt(name: str, value: Any, count: int) -> list[Any]:
+    """One value for every prompt, or a list with one per prompt."""
+    if not isinstance(value, list):
+        return [value] * count
+    if len(value) != count:
+        raise ValueError(f"{name} has {len(value)} values for {count} prompts")
+    return value
+
+
+def _lora_record(request: LoRARequest | None, adapter: LoRAAdapter | None) -> dict[str, Any] | None:
+    """The adapter a prompt ran with, as its output's metadata names it."""
+    if request is None or adapter is None:
+        return None
+    return {
+        "name": request.lora_name,
+        "lora_int_id": request.lora_int_id,
+        "path": str(adapter.path),
+        "sha256": adapter.sha256,
+        "config_sha256": adapter.config_sha256,
+        "rank": adapter.max_rank,
+    }
 
 
 def check_compile_backend(backend: str | None) -> str | None:

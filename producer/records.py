@@ -34,6 +34,7 @@ def sidecar(job: Job, metadata: Mapping[str, Any], timings: Mapping[str, float])
         "adapter_sha256": lora["sha256"] if lora else None,
         "adapter_source": metadata["adapter_source"],
         "fused": metadata["fused"],
+        "mixed": metadata.get("mixed", False),
         "model": metadata["model"],
         "width": metadata["width"],
         "height": metadata["height"],

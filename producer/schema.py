@@ -130,9 +130,14 @@ class Job(BaseModel):
         """The JSON-safe dict sent as the task's only argument: every field, derived ones filled in."""
         return self.model_dump(mode="json")
 
+    def call_key(self) -> tuple[Hashable, ...]:
+        """Jobs may share a pipeline call, whatever their adapters and scales, only when all of
+        this is equal: a call that mixes adapters gives each prompt its own."""
+        return (self.width, self.height, self.steps, self.guidance_scale, self.negative_prompt)
+
     def batch_key(self) -> tuple[Hashable, ...]:
-        """Jobs of one adapter may share a pipeline call only when all of this is equal."""
-        return (self.width, self.height, self.steps, self.guidance_scale, self.scale, self.negative_prompt)
+        """Jobs of one adapter may share an unmixed (fusable) pipeline call only when all of this is equal."""
+        return (*self.call_key(), self.scale)
 
 
 def canonical_json(fields: Mapping[str, Any]) -> bytes:

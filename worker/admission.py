@@ -69,6 +69,7 @@ def to_pending(item: WorkItem, *, payload: object) -> Pending:
         job_id=item.job.job_id,
         adapter=item.request.lora_path if item.request else None,
         batch_key=item.job.batch_key(),
+        call_key=item.job.call_key(),
         arrived=time.monotonic(),
         priority=item.job.priority,
         payload=payload,

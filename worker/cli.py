@@ -27,6 +27,7 @@ from producer.settings import (
     ENV_MAX_CPU_LORAS,
     ENV_MAX_LORAS,
     ENV_METRICS_PORT,
+    ENV_MIX_ADAPTERS,
     ENV_MODEL,
     ENV_OUTPUT_ROOTS,
     ENV_OUTPUT_URI,
@@ -37,6 +38,7 @@ from worker.scheduler import DEFAULT_MAX_BATCH
 from worker.settings import (
     DEFAULT_MAX_CPU_LORAS,
     DEFAULT_MAX_LORAS,
+    DEFAULT_MIX_ADAPTERS,
     DEFAULT_SUMMARY_INTERVAL_S,
     DEFAULT_WINDOW,
     WorkerSettings,
@@ -53,6 +55,12 @@ _ENGINE_LIMITS = (
         ENV_MAX_BATCH,
         DEFAULT_MAX_BATCH,
         "jobs per pipeline call; 1 makes every image independent of what it was batched with, bit for bit",
+    ),
+    (
+        "--mix-adapters",
+        ENV_MIX_ADAPTERS,
+        DEFAULT_MIX_ADAPTERS,
+        "adapters one pipeline call may mix, at most --max-loras; 1 never mixes",
     ),
 )
 
@@ -155,6 +163,7 @@ def _settings(args: argparse.Namespace, **extra: object) -> WorkerSettings:
         window=args.window,
         output_uri=args.out,
         max_batch=args.max_batch,
+        mix_adapters=args.mix_adapters,
         fuse=args.fuse,
         compile=args.compile,
         **extra,
@@ -279,6 +288,7 @@ def _serve_metrics(settings: WorkerSettings) -> None:
             "max_loras": str(settings.max_loras),
             "max_cpu_loras": str(settings.max_cpu_loras),
             "max_batch": str(settings.max_batch),
+            "mix_adapters": str(settings.policy.mix_adapters),
             "fuse": settings.fuse.value,
         },
     )

@@ -1,4 +1,5 @@
-"""Run one group of jobs (one adapter, one batch key) as one engine call, then store each result.
+"""Run one group of jobs (one adapter and one batch key, or several adapters mixed) as one engine
+call, then store each result.
 
 Generating and storing are separate steps so the Celery worker can store one group while the next
 computes; the embedded runner does both in turn. Both write the same bytes.
@@ -79,8 +80,8 @@ def take_group(
     resident, host = engine.held_adapters()
     now = time.monotonic()
     group = take_next_group(window, resident=resident, host=host, now=now, policy=policy)
-    # The group's own adapter is loaded by its call: never read it twice.
-    held = {*host, *(p.adapter for p in group[:1] if p.adapter is not None)}
+    # The group's own adapters are loaded by its call: never read them twice.
+    held = {*host, *(p.adapter for p in group if p.adapter is not None)}
     wanted = upcoming_cold_adapters(
         window, resident=resident, host=held, now=now, policy=policy, limit=READ_AHEAD
     )
@@ -95,13 +96,13 @@ def take_group(
 
 
 def generate_group(engine: Omni, items: list[WorkItem]) -> list[Result]:
-    """Generate every item in one call; nothing is stored yet."""
+    """Generate every item in one call (each with its own adapter and scale); nothing is stored yet."""
     first = items[0].job
     try:
         generated = engine.generate(
             [item.job.prompt for item in items],
-            lora_request=items[0].request,
-            lora_scale=first.scale,
+            lora_request=[item.request for item in items],
+            lora_scale=[item.job.scale for item in items],
             seed=[item.job.seed for item in items],
             num_inference_steps=first.steps,
             guidance_scale=first.guidance_scale,
@@ -110,6 +111,18 @@ def generate_group(engine: Omni, items: list[WorkItem]) -> list[Result]:
             negative_prompt=first.negative_prompt,
         )
     except PERMANENT_ERRORS as e:
+        by_adapter: dict[str | None, list[int]] = {}
+        for i, item in enumerate(items):
+            by_adapter.setdefault(item.job.adapter, []).append(i)
+        if len(by_adapter) > 1:
+            # A mixed call: one adapter's fault must not fail the others' jobs. Each runs on its own.
+            logger.warning("a call mixing %d adapters failed (%s); running each alone", len(by_adapter), e)
+            results: list[Result] = [None] * len(items)  # type: ignore[list-item]  # all set below
+            for indices in by_adapter.values():
+                alone = generate_group(engine, [items[i] for i in indices])
+                for i, result in zip(indices, alone, strict=True):
+                    results[i] = result
+            return results
         # The adapter or the parameters are bad for every job of the group, for good.
         return [failure(item, e) for item in items]
     except torch.OutOfMemoryError:
@@ -131,11 +144,11 @@ def generate_group(engine: Omni, items: list[WorkItem]) -> list[Result]:
         record = sidecar(item.job, output.metadata, timings)
         results.append(Result(item, record, image=png_bytes(output.images[0])))
     metadata = generated[0].metadata
-    metrics.observe_call(len(items), metadata, waits)
+    metrics.observe_call([output.metadata for output in generated], waits)
     calls = metadata["timings"]
     logger.info(
         "group adapter=%s jobs=%d source=%s seconds=%.3f adapter_s=%.3f generate_s=%.3f",
-        first.adapter or "-",
+        "+".join(dict.fromkeys(item.job.adapter or "-" for item in items)),
         len(items),
         metadata["adapter_source"] or "-",
         calls["adapter_s"] + calls["generate_s"],

@@ -128,16 +128,20 @@ def serve(port: int, *, info: dict[str, str]) -> None:
     logger.info("metrics on port %d (/metrics)", port)
 
 
-def observe_call(jobs: int, metadata: dict[str, Any], queue_waits: list[float]) -> None:
-    """One engine call: its adapter's source and timings, its size, and its jobs' queue waits."""
-    timings = metadata["timings"]
-    source = metadata["adapter_source"]
-    if source is not None:
+def observe_call(outputs: list[dict[str, Any]], queue_waits: list[float]) -> None:
+    """One engine call, from its outputs' metadata: each adapter's source, the timings (the adapter
+    time labelled with the costliest source, in a call that mixes adapters), its size, and its
+    jobs' queue waits."""
+    timings = outputs[0]["timings"]
+    sources = {m["lora"]["path"]: m["adapter_source"] for m in outputs if m["lora"] is not None}
+    for source in sources.values():
         ADAPTER_ACTIVATIONS.labels(source).inc()
-        ADAPTER_LOAD_SECONDS.labels(source).observe(timings["adapter_s"])
+    if sources:
+        costliest = min(sources.values(), key=list(AdapterSource).index)
+        ADAPTER_LOAD_SECONDS.labels(costliest).observe(timings["adapter_s"])
         ADAPTER_STALL_SECONDS.inc(timings["stall_s"])
     GENERATE_SECONDS.observe(timings["generate_s"])
-    GROUP_JOBS.observe(jobs)
+    GROUP_JOBS.observe(len(outputs))
     for wait in queue_waits:
         QUEUE_WAIT_SECONDS.observe(wait)
 

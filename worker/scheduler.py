@@ -11,7 +11,7 @@ The module is pure (no I/O, no clock, no torch): the Celery worker, the embedded
 benchmarks pass the time in and share one policy.
 """
 
-from collections.abc import Collection, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from math import isnan
 
@@ -32,7 +32,8 @@ class Pending:
     """A job in the window, reduced to what scheduling needs; the worker's own message rides in `payload`.
 
     `adapter` is None for the base model, which never needs a load. Jobs with the same adapter and equal
-    `batch_key` (e.g. width, height, steps, guidance, scale) may share one pipeline call. `arrived` is
+    `batch_key` (e.g. width, height, steps, guidance, scale) may share one pipeline call; jobs of any
+    adapters and scales may share one that mixes adapters when their `call_key` is equal. `arrived` is
     when the worker took the job into its window, on the caller's monotonic clock: time spent in the
     broker before that is the broker's order, which grouping does not change. `job_id` is unique within
     a window (the worker drops redelivered duplicates).
@@ -43,6 +44,7 @@ class Pending:
     batch_key: tuple[Hashable, ...]
     arrived: float
     priority: int = DEFAULT_PRIORITY
+    call_key: tuple[Hashable, ...] | None = None  # equal: may share a call mixing adapters; None: never
     payload: object = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -66,10 +68,13 @@ class SchedulerPolicy:
 
     max_batch: int = DEFAULT_MAX_BATCH
     max_wait_s: float = DEFAULT_MAX_WAIT_S
+    mix_adapters: int = 1  # adapters one call may mix (at most the engine's max_loras); 1: never mix
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise SchedulingError(f"SchedulerPolicy: max_batch must be >= 1, got {self.max_batch!r}")
+        if self.mix_adapters < 1:
+            raise SchedulingError(f"SchedulerPolicy: mix_adapters must be >= 1, got {self.mix_adapters!r}")
         if isnan(self.max_wait_s) or self.max_wait_s <= 0:
             raise SchedulingError(
                 f"SchedulerPolicy: max_wait_s must be > 0 (math.inf for no limit), got {self.max_wait_s!r}"
@@ -91,7 +96,8 @@ def next_group(
     now: float,
     policy: SchedulerPolicy,
 ) -> list[Pending]:
-    """The jobs to run next: one adapter, one batch key, at most `policy.max_batch`, most urgent first.
+    """The jobs to run next: one adapter, one batch key, at most `policy.max_batch`, most urgent first;
+    with `policy.mix_adapters` > 1, room left in the call is filled with jobs of adapters held already.
 
     `resident` names the adapters in the model, `host` those in host memory (it may include the resident
     ones); any other adapter is cold. Urgency orders jobs by deadline, then higher priority, then earlier
@@ -132,7 +138,46 @@ def next_group(
     # 3. The anchor's batch-key group within its adapter, most urgent first, up to the batch size.
     group = [job for job in pending if job.adapter == anchor.adapter and job.batch_key == anchor.batch_key]
     group.sort(key=urgency)
-    return group[: policy.max_batch]
+    group = group[: policy.max_batch]
+    # 4. Room left: jobs that can share the call (one call key) with adapters held already, or none.
+    if policy.mix_adapters > 1 and anchor.call_key is not None and len(group) < policy.max_batch:
+        group += _mixed_in(pending, group, {*resident, *host}, policy, urgency)
+    return group
+
+
+def _mixed_in(
+    pending: Sequence[Pending],
+    group: list[Pending],
+    held: Collection[str],
+    policy: SchedulerPolicy,
+    urgency: Callable[[Pending], tuple],
+) -> list[Pending]:
+    """Jobs to fill `group`'s call with, adapter by adapter, those with the fewest jobs first: a
+    small group gains most from sharing a call, a large one fills a call of its own later."""
+    anchor = group[0]
+    chosen = {job.job_id for job in group}
+    adapters = {anchor.adapter} - {None}
+    candidates: dict[str | None, list[Pending]] = {}
+    for job in pending:
+        if (
+            job.job_id not in chosen
+            and job.call_key == anchor.call_key
+            and (job.adapter is None or job.adapter in held or job.adapter in adapters)
+        ):
+            candidates.setdefault(job.adapter, []).append(job)
+    room, added = policy.max_batch - len(group), []
+    smallest_first = sorted(candidates.items(), key=lambda item: (len(item[1]), min(map(urgency, item[1]))))
+    for adapter, jobs in smallest_first:
+        if room == 0:
+            break
+        if adapter is not None and adapter not in adapters:
+            if len(adapters) == policy.mix_adapters:
+                continue
+            adapters.add(adapter)
+        jobs.sort(key=urgency)
+        added += jobs[:room]
+        room -= len(jobs[:room])
+    return added
 
 
 def take_next_group(

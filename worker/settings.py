@@ -19,6 +19,7 @@ from producer.settings import (
     ENV_COMPILE,
     ENV_FUSE,
     ENV_METRICS_PORT,
+    ENV_MIX_ADAPTERS,
     ENV_OUTPUT_ROOTS,
     ENV_SUMMARY_INTERVAL,
     read_environment,
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from omni_engine import Omni
 
 DEFAULT_WINDOW = 64
+# Adapters one pipeline call may mix, when it has room left after its own adapter's jobs (never
+# more than max_loras; a compiled denoiser never mixes): docs/performance.md.
+DEFAULT_MIX_ADAPTERS = DEFAULT_MAX_LORAS
 # Redis redelivers a reserved job whose lease has not been renewed for this long. A live worker
 # renews the lease of every job it holds (worker.leases), however long the job waits, so this is
 # only how soon a dead worker's jobs come back; it must stay well above a renewal's worst delay.
@@ -56,6 +60,7 @@ class WorkerSettings:
     max_cpu_loras: int = DEFAULT_MAX_CPU_LORAS
     window: int = DEFAULT_WINDOW
     max_batch: int = DEFAULT_MAX_BATCH
+    mix_adapters: int = DEFAULT_MIX_ADAPTERS
     max_wait_s: float = DEFAULT_MAX_WAIT_S
     output_uri: str | None = None
     # Where jobs may write besides output_uri (OMNI_OUTPUT_ROOTS); see `allowed_outputs`.
@@ -77,6 +82,11 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if self.window < 1:
             raise SettingsError(f"the window must hold at least one job, got {self.window}")
+        if self.mix_adapters < 1:
+            raise SettingsError(
+                f"adapters per call (${ENV_MIX_ADAPTERS}, --mix-adapters) must be 1 (never mix) or more, "
+                f"got {self.mix_adapters}"
+            )
         if not 0 <= self.metrics_port <= _MAX_PORT:
             raise SettingsError(
                 f"the metrics port (${ENV_METRICS_PORT}, --metrics-port) must be 0 (off) to {_MAX_PORT}, "
@@ -125,6 +135,7 @@ class WorkerSettings:
             "visibility_timeout_s": env.visibility_timeout_s,
             "max_attempts": env.max_attempts,
             "max_batch": env.max_batch,
+            "mix_adapters": env.mix_adapters,
             "fuse": env.fuse,
             "metrics_port": env.metrics_port,
             "summary_interval_s": env.summary_interval_s,
@@ -143,7 +154,9 @@ class WorkerSettings:
     @property
     def policy(self) -> SchedulerPolicy:
         """The scheduling policy these settings ask for."""
-        return SchedulerPolicy(max_batch=self.max_batch, max_wait_s=self.max_wait_s)
+        # The engine mixes at most max_loras adapters in a call, and none on a compiled denoiser.
+        mix = 1 if self.compile is not None else min(self.mix_adapters, self.max_loras)
+        return SchedulerPolicy(max_batch=self.max_batch, max_wait_s=self.max_wait_s, mix_adapters=mix)
 
 
 def build_engine(settings: WorkerSettings) -> Omni:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,6 +150,47 @@ class LoRAManager:
             self.stats.activations += 1
             self._last_activated = adapter.key
         return Activation(adapter, source, fuse, self.stats.stall_s - stalled_before)
+
+    def activate_mixed(
+        self, requests: Sequence[LoRARequest | None], scales: Sequence[float]
+    ) -> tuple[list[Activation], AbstractContextManager[None]]:
+        """Make every adapter of a mixed call resident at once; one Activation per prompt, and the
+        context the call runs in (`SlotBank.mixed`). Never fused: one merge cannot serve two adapters.
+
+        The call's adapters stay pinned in the model while the others are loaded, so one never
+        evicts another; more distinct adapters than `max_loras` is LoRACapacityError.
+        """
+        distinct = {r.lora_path: r for r in requests if r is not None}
+        if len(distinct) > self._resident.capacity:
+            raise LoRACapacityError(
+                f"a call mixes {len(distinct)} adapters, more than the {self._resident.capacity} "
+                "resident slots (max_loras)"
+            )
+        pinned_here: list[AdapterKey] = []
+        acquired: dict[str, tuple[LoRAAdapter, AdapterSource, float]] = {}
+        try:
+            for path, request in distinct.items():
+                stalled_before = self.stats.stall_s
+                adapter, source = self._acquire(request, resident=True)
+                acquired[path] = (adapter, source, self.stats.stall_s - stalled_before)
+                if not self._resident.is_pinned(adapter.key):
+                    self._resident.pin(adapter.key)
+                    pinned_here.append(adapter.key)
+        finally:
+            for key in pinned_here:
+                self._resident.unpin(key)
+        self._last_activated = None
+        self.stats.activations += len(acquired)
+        activations, rows = [], []
+        for request, scale in zip(requests, scales, strict=True):
+            if request is None:
+                activations.append(Activation(None, None))
+                rows.append((None, 0.0))
+                continue
+            adapter, source, stall_s = acquired[request.lora_path]
+            activations.append(Activation(adapter, source, stall_s=stall_s))
+            rows.append((self._resident.get(adapter.key), scale))
+        return activations, self._slots.mixed(rows)
 
     def prefetch(self, requests: Iterable[LoRARequest]) -> None:
         """Read and check these adapters in the background, unless held as they are on disk now.

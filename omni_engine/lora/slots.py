@@ -35,10 +35,12 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
 from omni_engine.lora.adapter import AdapterKey, LoRAAdapter
@@ -169,6 +171,43 @@ class SlotBank:
                 _set_enabled(self._layers.values(), True)
         self._active = target
 
+    @contextmanager
+    def mixed(self, rows: Sequence[tuple[str | None, float]]) -> Iterator[None]:
+        """Run one call whose prompts each have their own slot and scale (None: the base model).
+
+        Prompt i's rows of every LoRA layer's input get its slot's `B @ A` at its scale, added to
+        the base layer's output as PEFT adds one adapter's (forward hooks, the model's LoRA layers
+        off): the same operations on the same values as an unmixed call, so an image differs from
+        one generated alone only where a matmul over fewer rows rounds differently. A layer may see
+        the prompts repeated in whole blocks (classifier-free guidance runs `cat([x] * 2)`).
+        Not with padded slots: hooks and changing row sets would recompile a compiled denoiser.
+        """
+        if self._padded:
+            raise ValueError("a call mixing adapters cannot run on a compiled denoiser (compile=...)")
+        groups: dict[tuple[str, float], list[int]] = {}
+        for row, (name, scale) in enumerate(rows):
+            if name is not None and scale != 0.0:
+                groups.setdefault((name, scale), []).append(row)
+        handles = []
+        self._active = None  # the layers' own state changes here: activate again afterwards
+        _set_enabled(self._layers.values(), False)
+        try:
+            for module, layer in self._layers.items():
+                terms = []
+                for (name, scale), members in groups.items():
+                    slot = self._slots[name]
+                    if module in slot.targets:
+                        weights = slot.weights[module]
+                        index = torch.tensor(members, device=weights.a.device)
+                        terms.append(_Term(weights.a, weights.b, weights.scaling(scale), index))
+                if terms:
+                    conv = layer.lora_A[self._name] if self._shapes[module].kernel else None
+                    handles.append(layer.register_forward_hook(_MixedDelta(terms, len(rows), conv)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     # -- building and binding -----------------------------------------------------------------
 
     def _build(self, modules: set[str]) -> None:
@@ -292,6 +331,47 @@ class SlotBank:
             )
             self._idle[module] = weights
         return weights
+
+
+@dataclass(frozen=True)
+class _Term:
+    """One slot's share of a mixed call in one layer: its weights, scaling and prompt rows."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+    rows: torch.Tensor
+
+
+class _MixedDelta:
+    """A LoRA layer's forward hook in a mixed call: adds each slot's delta to its prompts' rows."""
+
+    def __init__(self, terms: list[_Term], prompts: int, conv: torch.nn.Conv2d | None) -> None:
+        self._terms = terms
+        self._prompts = prompts
+        self._conv = conv
+        self._rows: dict[tuple[int, int], torch.Tensor] = {}  # (term, repeats) -> row indices
+
+    def __call__(self, layer: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        repeats, rest = divmod(x.shape[0], self._prompts)
+        if rest or not repeats:
+            raise RuntimeError(
+                f"a call mixing adapters over {self._prompts} prompts met a batch of {x.shape[0]} "
+                "in a LoRA layer: this pipeline does not keep one row per prompt"
+            )
+        for i, term in enumerate(self._terms):
+            rows = self._rows.get((i, repeats))
+            if rows is None:
+                blocks = [term.rows + k * self._prompts for k in range(repeats)]
+                rows = self._rows[(i, repeats)] = torch.cat(blocks)
+            selected = x.index_select(0, rows).to(term.a.dtype)
+            if self._conv is not None:
+                delta = F.conv2d(self._conv._conv_forward(selected, term.a, None), term.b)
+            else:
+                delta = F.linear(F.linear(selected, term.a), term.b)
+            output.index_add_(0, rows, (delta * term.scaling).to(output.dtype))
+        return output
 
 
 def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:

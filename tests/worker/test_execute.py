@@ -127,3 +127,28 @@ def test_taking_a_group_reads_ahead_the_next_groups_adapters_but_not_its_own(mak
     assert [p.adapter for p in group] == [requests["a"].lora_path] * 8
     # "a" is read by the group's own call; reading it ahead too would read it twice.
     assert engine._lora._prefetcher.pending() == [requests["b"].lora_path]
+
+
+def test_a_bad_adapter_in_a_mixed_call_fails_only_its_own_jobs(make_adapter, tmp_path):
+    from omni_engine.lora.request import LoRARequest
+
+    engine = Omni("tiny-sd3", device="cpu", max_loras=3)
+    storage = open_storage(str(tmp_path / "out"))
+    broken = tmp_path / "adapters" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "adapter_config.json").write_text("{not json")
+    requests = {name: LoRARequest(name, i + 1, str(make_adapter(name))) for i, name in enumerate("ab")}
+    requests["broken"] = LoRARequest("broken", 3, str(broken))
+    items = [
+        WorkItem(validate_job({"prompt": f"p{i}", "adapter": name}), requests[name], storage)
+        for i, name in enumerate(["broken", "a", "b", "a"])
+    ]
+
+    results = generate_group(engine, items)
+
+    assert [r.ok for r in results] == [False, True, True, True]
+    assert results[0].record["error_type"] == "InvalidAdapterError" and "broken" in results[0].record["error"]
+    for item, result in zip(items[1:], results[1:], strict=True):
+        alone = engine.generate(item.job.prompt, lora_request=item.request, seed=item.job.seed)[0]
+        ours = Image.open(BytesIO(result.image)).tobytes()
+        assert max(abs(x - y) for x, y in zip(ours, alone.images[0].tobytes(), strict=True)) <= 1

@@ -264,3 +264,80 @@ def test_upcoming_cold_adapters_follow_the_order_groups_will_run_in() -> None:
     everything = upcoming_cold_adapters(pending, resident=(), host={"held"}, now=0.0, policy=POLICY, limit=9)
     assert everything == ["b", "c", "a"]
     assert upcoming_cold_adapters([], resident=(), host=(), now=0.0, policy=POLICY, limit=2) == []
+
+
+def mixable(job_id: str, adapter: str | None, *, arrived: float = 0.0, key: tuple = SQUARE) -> Pending:
+    """A job whose call may mix adapters: its call key is its batch key without the scale."""
+    return Pending(job_id=job_id, adapter=adapter, batch_key=key, arrived=arrived, call_key=key[:-1])
+
+
+MIXING = SchedulerPolicy(max_batch=8, max_wait_s=300.0, mix_adapters=3)
+
+
+def test_room_left_in_a_call_is_filled_with_held_adapters_fewest_jobs_first() -> None:
+    pending = [
+        *(mixable(f"a{i}", "a") for i in range(3)),
+        *(mixable(f"b{i}", "b", arrived=1.0) for i in range(2)),
+        mixable("c0", "c", arrived=2.0),
+        mixable("n0", None, arrived=3.0),
+        mixable("cold0", "cold"),
+        mixable("w0", "w", key=WIDE),
+    ]
+    six = SchedulerPolicy(max_batch=6, max_wait_s=300.0, mix_adapters=3)
+    # a's 3 jobs, then c's one and the base model's one, then one of b's two: 6 in all, 3 adapters;
+    # never the cold adapter, nor the other call key.
+    assert pick(pending, resident={"a", "b", "c"}, policy=six) == ["a0", "a1", "a2", "c0", "n0", "b0"]
+
+
+def test_mixing_stops_at_mix_adapters_and_never_loads_a_cold_adapter() -> None:
+    pending = [mixable("a0", "a"), mixable("b0", "b"), mixable("c0", "c"), mixable("cold0", "cold")]
+    two = SchedulerPolicy(max_batch=8, max_wait_s=300.0, mix_adapters=2)
+    assert pick(pending, resident={"a", "b", "c"}, policy=two) == ["a0", "b0"]
+    assert pick(pending, resident={"a"}, host={"b"}, policy=MIXING) == ["a0", "b0"]
+
+
+def test_jobs_without_a_call_key_or_with_mixing_off_are_never_mixed() -> None:
+    pending = [mixable("a0", "a"), mixable("b0", "b")]
+    assert pick(pending, resident={"a", "b"}, policy=POLICY) == ["a0"]
+    assert pick([job("a0", "a"), job("b0", "b")], resident={"a", "b"}, policy=MIXING) == ["a0"]
+
+
+@st.composite
+def mixable_windows(draw: st.DrawFn) -> list[Pending]:
+    return [
+        mixable(
+            f"j{i}",
+            draw(ADAPTERS),
+            arrived=draw(st.floats(0.0, 1000.0)),
+            key=draw(st.sampled_from([SQUARE, WIDE])),
+        )
+        for i in range(draw(st.integers(0, 40)))
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    window=mixable_windows(),
+    resident=NAMES,
+    host=NAMES,
+    mix=st.integers(1, 4),
+    batch=st.integers(1, 6),
+    now=st.floats(0, 2000),
+)
+def test_a_mixed_call_shares_one_call_key_and_loads_at_most_its_anchors_adapter(
+    window: list[Pending], resident: set[str], host: set[str], mix: int, batch: int, now: float
+) -> None:
+    policy = SchedulerPolicy(max_batch=batch, max_wait_s=200.0, mix_adapters=mix)
+    left, seen = list(window), []
+    while left:
+        group = next_group(left, resident=resident, host=host, now=now, policy=policy)
+        assert 1 <= len(group) <= batch
+        assert len({p.call_key for p in group}) == 1
+        adapters = {p.adapter for p in group} - {None}
+        assert len(adapters) <= mix
+        cold = adapters - resident - host
+        assert cold <= {group[0].adapter}, "only the anchor's adapter may need a load"
+        seen += [p.job_id for p in group]
+        left = [p for p in left if p.job_id not in {p.job_id for p in group}]
+        now += 10.0
+    assert sorted(seen) == sorted(p.job_id for p in window)
