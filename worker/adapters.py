@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 from omni_engine.errors import AdapterAccessError, AdapterNotFoundError
 from omni_engine.lora.request import LoRARequest
+from producer.adapter_roots import adapter_name_problem, resolve_local
+from producer.errors import AdapterNameError
 
 
 class AdapterResolver:
@@ -23,11 +25,15 @@ class AdapterResolver:
     def resolve(self, name: str) -> LoRARequest:
         if not self.roots:
             raise AdapterNotFoundError(name, "the worker has no adapter roots (set OMNI_ADAPTER_ROOTS)")
+        problem = adapter_name_problem(name)
+        if problem is not None:
+            raise AdapterAccessError(name, problem)
         for root in self.roots:
-            candidate = os.path.realpath(os.path.join(root, name))
-            if not (candidate == root or candidate.startswith(root + os.sep)):
-                raise AdapterAccessError(name, "resolves outside the worker's adapter roots")
-            if os.path.isdir(candidate) or os.path.isfile(candidate):  # a directory, or one weights file
-                lora_id = self._ids.setdefault(candidate, len(self._ids) + 1)
-                return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=candidate)
+            try:
+                path = resolve_local(root, name)
+            except AdapterNameError as e:
+                raise AdapterAccessError(name, str(e)) from None
+            if path is not None:
+                lora_id = self._ids.setdefault(path, len(self._ids) + 1)
+                return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=path)
         raise AdapterNotFoundError(name, f"not found under the adapter roots ({len(self.roots)} searched)")
