@@ -2,7 +2,8 @@
 
 One rule for everyone who reads a name. The job schema checks its form (`adapter_name_problem`); the
 worker resolves it by trying each of its roots in turn, the first `<root>/<name>` that is there
-winning (`resolve_local`); a producer given the same roots (`--adapter-root`,
+winning (`resolve_local` for a directory root; `worker.adapter_cache` for an `s3://bucket/prefix`
+root, whose keys are the same names); a producer given the same roots (`--adapter-root`,
 `OMNI_ADAPTER_ROOTS`) refuses an unknown adapter before anything is queued
 (`unknown_adapter_reason`). A name never resolves outside its root: its form rules out `..`, `.`
 and absolute names, and a local root's symlinks are followed before the containment check. Only
