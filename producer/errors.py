@@ -39,6 +39,10 @@ class JobValidationError(ProducerError, ValueError):
         super().__init__("; ".join(self.problems))
 
 
+class AdapterNameError(ProducerError, ValueError):
+    """An adapter name that breaks the name rule, or that resolves outside its adapter root."""
+
+
 class BrokerUnavailableError(ProducerError):
     """The broker could not be reached. The message names the URL with any password masked.
 

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Hashable, Mapping
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from producer import defaults as d
+from producer.adapter_roots import adapter_name_problem
 from producer.errors import JobValidationError
 from producer.layout import name_problem
 from producer.output_uri import parse_output_uri
 from producer.redact import redact
-
-_ADAPTER_RE = re.compile(r"[A-Za-z0-9._/-]+")
 
 # Fields that do not change the image or where it is stored, so they stay out of the derived id.
 _NOT_IN_IDENTITY = frozenset({"job_id", "priority"})
@@ -51,15 +49,9 @@ def _job_id(value: str) -> str:
 
 
 def _adapter(value: str) -> str:
-    if not _ADAPTER_RE.fullmatch(value):
-        raise ValueError("only letters, digits, '.', '_', '-' and '/' are allowed")
-    if value.startswith("/"):
-        raise ValueError("must be relative to the worker's adapter roots (no leading '/')")
-    segments = value.split("/")
-    if "" in segments:
-        raise ValueError("empty path segment ('//' or a trailing '/')")
-    if ".." in segments:
-        raise ValueError("a '..' segment is not allowed")
+    problem = adapter_name_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 

@@ -2,9 +2,9 @@
 
 Flags win over the environment, and the environment over each reader's own defaults, so this
 module only says what is set: `None` (or `()`) where a variable is unset or empty. The producer
-fills in its broker default here; the worker (`worker.settings`), the engine's command line and
-its model cache (`omni_engine.models.presets`) apply their own defaults to what is left unset.
-Nothing else in the tree reads `os.environ`.
+fills in its broker default here, and `cache_dir` the host's cache, which the model presets and the
+worker's adapter cache share; the worker (`worker.settings`) and the engine's command line apply
+their own defaults to what is left unset. Nothing else in the tree reads `os.environ`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from producer.defaults import DEFAULT_BROKER_URL
 from producer.errors import SettingsError
@@ -48,6 +49,8 @@ _SWITCH = {
 ENV_API_TOKENS = "OMNI_API_TOKENS"
 ENV_COMPILE = "OMNI_COMPILE"
 ENV_OUTPUT_ROOTS = "OMNI_OUTPUT_ROOTS"
+ENV_ADAPTER_CACHE_DIR = "OMNI_ADAPTER_CACHE_DIR"
+ENV_ADAPTER_CACHE_BYTES = "OMNI_ADAPTER_CACHE_BYTES"
 # A URI scheme inside an os.pathsep-separated list: `s3://b/p` splits at its own ':' on POSIX.
 _SCHEME_WORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 
@@ -77,6 +80,15 @@ class Environment:
     api_tokens: tuple[str, ...] = ()
     compile: str | None = None
     output_roots: tuple[str, ...] = ()
+    adapter_cache_dir: str | None = None
+    adapter_cache_bytes: int | None = None
+
+
+def cache_dir(env: Environment | None = None) -> Path:
+    """omni-batch's cache on this host ($OMNI_CACHE_DIR, else ~/.cache/omni-batch): built presets,
+    and by default the adapters fetched from object storage."""
+    env = env or read_environment()
+    return Path(env.cache_dir or Path.home() / ".cache" / "omni-batch")
 
 
 def split_roots(text: str) -> tuple[str, ...]:
@@ -126,7 +138,6 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
             raise SettingsError(f"${name} must be one of 1, 0, true, false, yes, no, on, off, got {raw!r}")
         return _SWITCH[raw.lower()]
 
-    roots = text(ENV_ADAPTER_ROOTS) or ""
     tokens = text(ENV_API_TOKENS) or ""
     return Environment(
         broker_url=text(ENV_BROKER_URL) or DEFAULT_BROKER_URL,
@@ -134,7 +145,7 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         output_uri=text(ENV_OUTPUT_URI),
         s3_endpoint_url=text(ENV_S3_ENDPOINT_URL),
         model=text(ENV_MODEL),
-        adapter_roots=tuple(root for root in roots.split(os.pathsep) if root),
+        adapter_roots=split_roots(text(ENV_ADAPTER_ROOTS) or ""),
         max_loras=integer(ENV_MAX_LORAS),
         max_cpu_loras=integer(ENV_MAX_CPU_LORAS),
         visibility_timeout_s=integer(ENV_VISIBILITY_TIMEOUT),
@@ -150,4 +161,6 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         api_tokens=tuple(token.strip() for token in tokens.split(",") if token.strip()),
         compile=text(ENV_COMPILE),
         output_roots=split_roots(text(ENV_OUTPUT_ROOTS) or ""),
+        adapter_cache_dir=text(ENV_ADAPTER_CACHE_DIR),
+        adapter_cache_bytes=integer(ENV_ADAPTER_CACHE_BYTES),
     )

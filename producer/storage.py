@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import boto3
@@ -214,8 +214,44 @@ def _is_transient(e: Exception) -> bool:
     )
 
 
-def _s3_code(e: boto_errors.ClientError) -> str:
+def s3_code(e: boto_errors.ClientError) -> str:
+    """The S3 error code of a failed call (`NoSuchKey`, `PreconditionFailed`, ...)."""
     return e.response.get("Error", {}).get("Code", "")
+
+
+def s3_error(action: str, target: str, e: Exception) -> StorageError:
+    """A failed S3 call as the storage error it is: StorageUnavailableError when it may pass.
+
+    `target` is what a user would recognise (`s3://bucket/key`); the message never holds a credential.
+    """
+    cls = StorageUnavailableError if _is_transient(e) else StorageError
+    if isinstance(e, boto_errors.ClientError):
+        message = e.response.get("Error", {}).get("Message", "")
+        reason = f"{s3_code(e) or 'error'}: {message}".removesuffix(": ")
+    else:
+        reason = str(e)
+    return cls(f"cannot {action} {target}: {reason}")
+
+
+def s3_client(endpoint_url: str | None = None, settings: S3Settings | None = None) -> Any:
+    """A boto3 S3 client for AWS or any S3-compatible server (path-style addressing), with short
+    timeouts and few retries (`S3Settings`): the worker retries the job, not the call.
+
+    `endpoint_url` defaults to $OMNI_S3_ENDPOINT_URL, else AWS. Every S3 call omni-batch makes goes
+    through a client from here.
+    """
+    settings = settings or S3Settings()
+    endpoint_url = endpoint_url or read_environment().s3_endpoint_url
+    config = Config(
+        s3={"addressing_style": "path"},
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        retries={"mode": "standard", "total_max_attempts": settings.max_attempts},
+    )
+    # A session of its own: boto3's default session is not thread-safe, a client is.
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint_url and _check_endpoint(endpoint_url), config=config
+    )
 
 
 class S3Storage:
@@ -232,18 +268,7 @@ class S3Storage:
         self.bucket = check_bucket(bucket)
         prefix = check_prefix(prefix)
         self._prefix = f"{prefix}/" if prefix else ""
-        settings = settings or S3Settings()
-        endpoint_url = endpoint_url or read_environment().s3_endpoint_url
-        config = Config(
-            s3={"addressing_style": "path"},
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            retries={"mode": "standard", "total_max_attempts": settings.max_attempts},
-        )
-        # A session of its own: boto3's default session is not thread-safe, a client is.
-        self._client = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint_url and _check_endpoint(endpoint_url), config=config
-        )
+        self._client = s3_client(endpoint_url, settings)
 
     @property
     def uri(self) -> str:
@@ -253,14 +278,7 @@ class S3Storage:
         return self._prefix + _check_key(self.uri, key)
 
     def _error(self, action: str, key: str, e: Exception) -> StorageError:
-        cls = StorageUnavailableError if _is_transient(e) else StorageError
-        if isinstance(e, boto_errors.ClientError):
-            message = e.response.get("Error", {}).get("Message", "")
-            reason = f"{_s3_code(e) or 'error'}: {message}".removesuffix(": ")
-        else:
-            reason = str(e)
-        target = f"{self.uri}/{key}" if key else self.uri
-        return cls(f"cannot {action} {target}: {reason}")
+        return s3_error(action, f"{self.uri}/{key}" if key else self.uri, e)
 
     def put_bytes(self, key: str, data: bytes, *, content_type: str = DEFAULT_CONTENT_TYPE) -> None:
         """One PUT: S3 makes an object visible only once it is complete."""
@@ -276,7 +294,7 @@ class S3Storage:
             response = self._client.get_object(Bucket=self.bucket, Key=full_key)
             return response["Body"].read()
         except boto_errors.ClientError as e:
-            if _s3_code(e) == "NoSuchKey":
+            if s3_code(e) == "NoSuchKey":
                 return None
             raise self._error("read", key, e) from e
         except boto_errors.BotoCoreError as e:

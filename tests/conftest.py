@@ -4,6 +4,7 @@ pytest_plugins = [
     "fixtures.redis_server",
     "fixtures.brokers",
     "fixtures.s3_server",
+    "fixtures.tcp_proxy",
     "fixtures.engine",
     "fixtures.worker_process",
     "fixtures.api_server",

@@ -3,8 +3,10 @@
 The Celery worker and the embedded runner admit every job here, in the same steps, so they skip,
 fail and group jobs alike:
 1. a job whose sidecar exists is done (a redelivery, or the same job sent again): skipped;
-2. its adapter name resolves under the worker's adapter roots, or the job fails for good, with an
-   error record that names the reason;
+2. its adapter name resolves under the worker's adapter roots (an adapter in object storage is
+   fetched into the local cache here), or the job fails for good, with an error record that names
+   the reason; an adapter root that cannot be reached raises StorageUnavailableError, for the
+   caller to put the job back (the Celery worker) or stop (the embedded runner);
 3. what is left is a WorkItem, which enters the window as a scheduler `Pending`.
 """
 
@@ -13,10 +15,11 @@ from __future__ import annotations
 import time
 
 from omni_engine.errors import AdapterError
-from producer.errors import StorageUnavailableError
+from producer.errors import StorageError, StorageUnavailableError
 from producer.layout import sidecar_key
 from producer.schema import Job
 from producer.storage import Storage
+from worker.adapter_cache import AdapterCache
 from worker.adapters import AdapterResolver
 from worker.execute import Result, WorkItem, failure
 from worker.output_roots import OutputRoots
@@ -29,7 +32,16 @@ class Admission:
     """The adapter roots and the open storages of one worker, and the steps every job goes through."""
 
     def __init__(self, settings: WorkerSettings) -> None:
-        self.resolver = AdapterResolver(settings.adapter_roots)
+        cache = None
+        if settings.has_remote_adapter_roots:
+            cache = AdapterCache(
+                settings.adapter_cache_path,
+                max_bytes=settings.adapter_cache_bytes,
+                # What this worker may still read: its window's adapters and its engine's.
+                in_use=settings.window + settings.max_cpu_loras,
+                endpoint_url=settings.s3_endpoint_url,
+            )
+        self.resolver = AdapterResolver(settings.adapter_roots, cache=cache)
         self.storages = StorageCache(
             settings.output_uri, settings.s3_endpoint_url, roots=OutputRoots(settings.allowed_outputs)
         )
@@ -45,8 +57,10 @@ class Admission:
         """The job's work item; its failure (a Result to store) when its adapter cannot be used;
         None when it is done already.
 
-        A storage that cannot be reached counts as "not done": the store step retries, and at worst
-        a job is generated twice. A permanent storage error (no such bucket) is raised.
+        An output storage that cannot be reached counts as "not done": the store step retries, and at
+        worst a job is generated twice. A permanent output storage error (no such bucket) is raised;
+        so is an adapter root that cannot be reached (StorageUnavailableError), while one that
+        refuses for good (no such bucket, access denied) fails the job.
         """
         # 1. Done already?
         try:
@@ -57,7 +71,9 @@ class Admission:
         # 2. The adapter, only ever under the worker's roots.
         try:
             request = self.resolver.resolve(job.adapter) if job.adapter else None
-        except AdapterError as e:
+        except StorageUnavailableError:
+            raise
+        except (AdapterError, StorageError) as e:
             return failure(WorkItem(job, None, storage), e)
         # 3. The work.
         return WorkItem(job, request, storage, submitted_at)

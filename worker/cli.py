@@ -19,8 +19,11 @@ from producer.cli import EXIT_FAILURE, EXIT_OK, add_job_default_flags, read_jobs
 from producer.client import grouped_order
 from producer.errors import UsageError
 from producer.settings import (
+    ENV_ADAPTER_CACHE_BYTES,
+    ENV_ADAPTER_CACHE_DIR,
     ENV_ADAPTER_ROOTS,
     ENV_BROKER_URL,
+    ENV_CACHE_DIR,
     ENV_COMPILE,
     ENV_FUSE,
     ENV_MAX_BATCH,
@@ -36,6 +39,7 @@ from producer.settings import (
 )
 from worker.scheduler import DEFAULT_MAX_BATCH
 from worker.settings import (
+    DEFAULT_ADAPTER_CACHE_BYTES,
     DEFAULT_MAX_CPU_LORAS,
     DEFAULT_MAX_LORAS,
     DEFAULT_MIX_ADAPTERS,
@@ -76,8 +80,22 @@ def _add_engine_flags(parser: argparse.ArgumentParser, *, out_help: str) -> None
         "--adapter-root",
         dest="adapter_roots",
         action="append",
+        metavar="ROOT",
+        help=f"a directory or s3://bucket/prefix adapter names resolve under; repeatable, the first hit "
+        f"wins (default: ${ENV_ADAPTER_ROOTS})",
+    )
+    parser.add_argument(
+        "--adapter-cache-dir",
         metavar="DIR",
-        help=f"where adapter names resolve; repeatable (default: ${ENV_ADAPTER_ROOTS})",
+        help=f"where adapters from s3:// roots are fetched to (default: ${ENV_ADAPTER_CACHE_DIR}, "
+        f"else ${ENV_CACHE_DIR}/adapters)",
+    )
+    parser.add_argument(
+        "--adapter-cache-bytes",
+        type=int,
+        metavar="N",
+        help=f"bytes of fetched adapters kept on disk, least recently used removed first "
+        f"(default: ${ENV_ADAPTER_CACHE_BYTES} or {DEFAULT_ADAPTER_CACHE_BYTES})",
     )
     for flag, env, default, text in _ENGINE_LIMITS:
         parser.add_argument(flag, type=int, help=f"{text} (default: ${env} or {default})")
@@ -158,6 +176,8 @@ def _settings(args: argparse.Namespace, **extra: object) -> WorkerSettings:
     return WorkerSettings.from_env(
         model=args.model,
         adapter_roots=tuple(args.adapter_roots) if args.adapter_roots else None,
+        adapter_cache_dir=args.adapter_cache_dir,
+        adapter_cache_bytes=args.adapter_cache_bytes,
         max_loras=args.max_loras,
         max_cpu_loras=args.max_cpu_loras,
         window=args.window,

@@ -5,7 +5,8 @@ Celery hands each message to a task's *strategy*; this one keeps the request ins
 it. A group runs when the window is full or no job has arrived for `idle_s`. Its results are
 stored on a background thread while the next group computes; each message is acked on the
 consumer's thread only once its image and sidecar (or its error record) are stored. A job that
-fails for good is recorded and acked; one whose storage stayed unreachable is requeued.
+fails for good is recorded and acked; one whose storage stayed unreachable, or whose adapter root
+could not be reached, is requeued.
 """
 
 from __future__ import annotations
@@ -194,6 +195,12 @@ class GroupingConsumer:
             admitted = self.admission.admit(
                 job, storage, submitted_at=submitted_at if isinstance(submitted_at, float) else None
             )
+        except StorageUnavailableError as e:  # an adapter root out of reach: not the job's fault
+            logger.error("job %s: adapter storage unreachable, back to the queue: %s", request.id, e)
+            metrics.JOBS_REQUEUED.labels(type(e).__name__).inc()
+            request.reject(requeue=True)
+            task_ready(request)
+            return None
         except StorageError as e:  # no such bucket, access denied: nothing to retry
             self._fail(request, e)
             return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from omni_engine.errors import AdapterError
+
 
 class WorkerError(Exception):
     """Base of the errors the worker records against a job."""
@@ -22,3 +24,10 @@ class PoisonJobError(WorkerError):
 
 class OutOfMemoryError(WorkerError):
     """The job does not fit in device memory even alone."""
+
+
+class AdapterDownloadError(WorkerError, AdapterError):
+    """An adapter in object storage could not be fetched whole and as listed (the transfer broke off,
+    the bytes did not match the object's size or checksum, it changed meanwhile, or it cannot fit in
+    the adapter cache). The job fails with this; nothing partial is kept, so the next job that needs
+    the adapter fetches it again."""

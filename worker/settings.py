@@ -6,22 +6,27 @@ they build the same engine (`build_engine`) and the same scheduling policy.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from omni_engine.defaults import DEFAULT_MAX_CPU_LORAS, DEFAULT_MAX_LORAS
 from omni_engine.lora.fuse_mode import FuseMode
 from omni_engine.models.presets import DEFAULT_MODEL
+from producer.adapter_roots import is_remote
 from producer.defaults import DEFAULT_BROKER_URL
 from producer.errors import InvalidStorageURIError, SettingsError
 from producer.output_uri import parse_output_uri
 from producer.settings import (
+    ENV_ADAPTER_CACHE_BYTES,
+    ENV_ADAPTER_ROOTS,
     ENV_COMPILE,
     ENV_FUSE,
     ENV_METRICS_PORT,
     ENV_MIX_ADAPTERS,
     ENV_OUTPUT_ROOTS,
     ENV_SUMMARY_INTERVAL,
+    cache_dir,
     read_environment,
 )
 from worker.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S, SchedulerPolicy
@@ -49,13 +54,18 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_METRICS_PORT = 0
 # Seconds between two summary lines in the worker's log (0: none).
 DEFAULT_SUMMARY_INTERVAL_S = 60.0
+# Bytes of adapters fetched from object storage kept on local disk (least recently used go first).
+DEFAULT_ADAPTER_CACHE_BYTES = 20 * 1024**3
 _MAX_PORT = 65535
 
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerSettings:
     model: str = DEFAULT_MODEL
+    # Directories and s3://bucket/prefix; an adapter under an s3:// root is fetched into the cache.
     adapter_roots: tuple[str, ...] = ()
+    adapter_cache_dir: str | None = None  # None: <OMNI_CACHE_DIR>/adapters
+    adapter_cache_bytes: int = DEFAULT_ADAPTER_CACHE_BYTES
     max_loras: int = DEFAULT_MAX_LORAS
     max_cpu_loras: int = DEFAULT_MAX_CPU_LORAS
     window: int = DEFAULT_WINDOW
@@ -102,6 +112,23 @@ class WorkerSettings:
                 parse_output_uri(root)
             except InvalidStorageURIError as e:
                 raise SettingsError(f"${ENV_OUTPUT_ROOTS}: {e}") from None
+        for root in self.adapter_roots:
+            if "://" not in root:
+                continue  # a directory
+            if not is_remote(root):
+                raise SettingsError(
+                    f"adapter root {root!r} (${ENV_ADAPTER_ROOTS}, --adapter-root): "
+                    "give a directory or s3://bucket/prefix"
+                )
+            try:
+                parse_output_uri(root)
+            except InvalidStorageURIError as e:
+                raise SettingsError(f"${ENV_ADAPTER_ROOTS}: {e}") from None
+        if self.adapter_cache_bytes < 1:
+            raise SettingsError(
+                f"the adapter cache size (${ENV_ADAPTER_CACHE_BYTES}, --adapter-cache-bytes) must be a "
+                f"positive number of bytes, got {self.adapter_cache_bytes}"
+            )
         try:
             object.__setattr__(self, "fuse", FuseMode(self.fuse))
         except ValueError:
@@ -124,6 +151,8 @@ class WorkerSettings:
         values: dict[str, object] = {
             "model": env.model,
             "adapter_roots": env.adapter_roots or None,
+            "adapter_cache_dir": env.adapter_cache_dir,
+            "adapter_cache_bytes": env.adapter_cache_bytes,
             "max_loras": env.max_loras,
             "max_cpu_loras": env.max_cpu_loras,
             "window": env.window,
@@ -152,6 +181,23 @@ class WorkerSettings:
         return tuple(dict.fromkeys([*own, *self.output_roots]))
 
     @property
+    def adapter_cache_path(self) -> str:
+        """Where adapters from s3:// roots are fetched to: absolute, as the engine's roots compare it."""
+        path = self.adapter_cache_dir or os.path.join(cache_dir(), "adapters")
+        return os.path.abspath(os.path.expanduser(path))
+
+    @property
+    def has_remote_adapter_roots(self) -> bool:
+        """Whether any adapter root is in object storage (so adapters are fetched into the cache)."""
+        return any(is_remote(root) for root in self.adapter_roots)
+
+    @property
+    def engine_adapter_roots(self) -> list[str]:
+        """What the engine may read adapters from: the local roots, and the cache when it is used."""
+        local = [root for root in self.adapter_roots if not is_remote(root)]
+        return [*local, self.adapter_cache_path] if self.has_remote_adapter_roots else local
+
+    @property
     def policy(self) -> SchedulerPolicy:
         """The scheduling policy these settings ask for."""
         # The engine mixes at most max_loras adapters in a call, and none on a compiled denoiser.
@@ -167,7 +213,7 @@ def build_engine(settings: WorkerSettings) -> Omni:
         settings.model,
         max_loras=settings.max_loras,
         max_cpu_loras=settings.max_cpu_loras,
-        adapter_roots=list(settings.adapter_roots),
+        adapter_roots=settings.engine_adapter_roots,
         fuse=settings.fuse,
         compile=settings.compile,
     )

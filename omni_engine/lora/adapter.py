@@ -13,6 +13,7 @@ import torch
 
 from omni_engine.errors import InvalidAdapterError
 from omni_engine.lora.config import AdapterConfig
+from omni_engine.lora.files import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHT_FILES, WEIGHT_SUFFIX
 from omni_engine.lora.formats import (
     PEFT_PREFIX,
     Converter,
@@ -25,12 +26,6 @@ from omni_engine.lora.formats import (
 from omni_engine.lora.paths import file_sha256, read_capped, resolve_adapter_path, resolve_file
 from omni_engine.lora.safetensors_file import read_safetensors
 
-CONFIG_FILE = "adapter_config.json"
-# PEFT's name first, then the name diffusers' save_lora_weights uses. A directory with neither may
-# hold one other .safetensors file (a kohya or a renamed diffusers file), which is then the weights.
-WEIGHT_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
-WEIGHT_SUFFIX = ".safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 # Largest weights file read (Omni's max_adapter_bytes), and largest config: a LoRA is megabytes.
 DEFAULT_MAX_ADAPTER_BYTES = 2 * 1024**3

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omni_engine.models.builders import BUILDERS
-from producer.settings import read_environment
+from producer.settings import cache_dir
 
 PRESET_FORMAT_VERSION = 1
 # The model an engine serves when none is named: the test-sized preset below.
@@ -112,8 +112,7 @@ PRESETS: dict[str, PresetSpec] = {
 
 def preset_dir(name: str) -> Path:
     """Where the preset is saved: $OMNI_CACHE_DIR or ~/.cache/omni-batch, per format version."""
-    root = read_environment().cache_dir or os.path.join(Path.home(), ".cache", "omni-batch")
-    return Path(root) / "models" / f"{name}-v{PRESET_FORMAT_VERSION}"
+    return cache_dir() / "models" / f"{name}-v{PRESET_FORMAT_VERSION}"
 
 
 def ensure_preset(name: str) -> Path:

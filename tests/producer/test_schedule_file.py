@@ -140,6 +140,13 @@ def test_an_unknown_adapter_in_a_job_file_is_refused_when_roots_are_given(files:
     assert len(load_schedules(files / "schedules.yaml")) == 2
 
 
+def test_an_adapter_named_by_its_weights_file_is_known_as_the_worker_knows_it(files: Path) -> None:
+    (files / "adapters" / "loose").mkdir()
+    (files / "adapters" / "loose" / "ink.safetensors").write_bytes(b"")
+    (files / "jobs" / "nightly.jsonl").write_text('{"prompt": "x", "adapter": "loose/ink.safetensors"}\n')
+    assert len(load_schedules(write(files, GOOD), adapter_roots=[str(files / "adapters")])) == 2
+
+
 def test_an_adapter_may_not_escape_its_root_through_a_link(
     files: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

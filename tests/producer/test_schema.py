@@ -159,6 +159,7 @@ REJECTED = [
     ("adapter", "/abs/path"),
     ("adapter", "a/../b"),
     ("adapter", ".."),
+    ("adapter", "a/./b"),
     ("adapter", "a//b"),
     ("adapter", "a/"),
     ("adapter", "a b"),
