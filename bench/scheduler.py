@@ -124,7 +124,9 @@ def fifo(window: Sequence[Pending], cache: AdapterCache, now: float) -> list[Pen
     return next_fifo(window)
 
 
-def make_arrivals(popularity: str, adapters: int, jobs: int) -> list[Arrival]:
+def make_arrivals(
+    popularity: str, adapters: int, jobs: int, *, mean_gap_s: float = MEAN_GAP_S
+) -> list[Arrival]:
     """A seeded stream: adapters drawn uniformly or Zipf(1.1), exponential gaps between arrivals."""
     rng = random.Random(f"{SEED}-{popularity}-{adapters}")
     if popularity == "uniform":
@@ -135,7 +137,7 @@ def make_arrivals(popularity: str, adapters: int, jobs: int) -> list[Arrival]:
     keys = rng.choices(BATCH_KEYS, weights=BATCH_KEY_WEIGHTS, k=jobs)
     arrivals, now = [], 0.0
     for i, (pick, key) in enumerate(zip(picks, keys, strict=True)):
-        now += rng.expovariate(1.0 / MEAN_GAP_S)
+        now += rng.expovariate(1.0 / mean_gap_s)
         arrivals.append(Arrival(job_id=f"{i:06d}", adapter=f"lora-{pick:04d}", batch_key=key, enqueued=now))
     return arrivals
 

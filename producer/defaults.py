@@ -9,6 +9,11 @@ from types import MappingProxyType
 
 TASK_NAME = "omni.generate"
 QUEUE = "omni"
+# Adapter affinity (docs/scheduling.md): an adapter's jobs go to shard queue `omni.a.<shard>`,
+# shard = producer.routing.adapter_shard(adapter, SHARDS). Producer and workers must agree on both;
+# changing SHARDS moves (nearly) every adapter to another shard, so each is loaded once more.
+SHARD_QUEUE_PREFIX = QUEUE + ".a."
+SHARDS = 2048
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 DEFAULT_DATASET = "default"
