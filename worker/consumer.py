@@ -198,8 +198,7 @@ class GroupingConsumer:
         except StorageUnavailableError as e:  # an adapter root out of reach: not the job's fault
             logger.error("job %s: adapter storage unreachable, back to the queue: %s", request.id, e)
             metrics.JOBS_REQUEUED.labels(type(e).__name__).inc()
-            request.reject(requeue=True)
-            task_ready(request)
+            _put_back([request])
             return None
         except StorageError as e:  # no such bucket, access denied: nothing to retry
             self._fail(request, e)
@@ -306,9 +305,7 @@ class GroupingConsumer:
                     # Its start stays counted: a job the storage never takes is bounded too.
                     logger.error("job %s: storage unreachable, back to the queue: %s", request.id, error)
                     metrics.JOBS_REQUEUED.labels(type(error).__name__).inc()
-                    for delivery in deliveries:
-                        delivery.reject(requeue=True)
-                        task_ready(delivery)
+                    _put_back(deliveries)
                     continue
                 if error is None and result.ok:
                     metrics.JOBS_DONE.inc()
@@ -325,9 +322,7 @@ class GroupingConsumer:
         logger.error("%d job(s) back to the queue, not run: %s", len(group), error)
         metrics.JOBS_REQUEUED.labels(type(error).__name__).inc(len(group))
         for p in group:
-            for delivery in [p.payload[0], *self.held.pop(p.job_id, [])]:
-                delivery.reject(requeue=True)
-                task_ready(delivery)
+            _put_back([p.payload[0], *self.held.pop(p.job_id, [])])
 
     def _succeed(self, request: Any, outcome: str) -> None:
         """Done (or done already): the task-succeeded event monitors such as Flower wait for, then the ack."""
@@ -365,3 +360,10 @@ class GroupingConsumer:
             except StorageError as e:
                 logger.error("job %s: could not write its error record: %s", request.id, e)
         self._fail(request, error)
+
+
+def _put_back(deliveries: list[Any]) -> None:
+    """Return messages to the queue unsettled, for any worker to take again."""
+    for delivery in deliveries:
+        delivery.reject(requeue=True)
+        task_ready(delivery)
