@@ -32,7 +32,6 @@ import argparse
 import statistics
 import sys
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -40,7 +39,7 @@ from functools import partial
 from fleet_model import CACHE, Affinity, Sharing, Simulation
 from scheduler import CALL_S, IMAGE_S, Arrival, fifo, grouped, make_arrivals, queued_at_once
 
-from worker.affinity import AffinityPolicy
+from worker.affinity import AffinityPolicy, lower_bound
 from worker.scheduler import SchedulerPolicy
 from worker.settings import DEFAULT_WINDOW
 
@@ -78,12 +77,6 @@ class Outcome:
     runs: int  # pipeline runs of a job: above the jobs when a stopped worker's jobs ran again
     stolen: int
     moves: int
-
-
-def lower_bound(arrivals: Sequence[Arrival], workers: int) -> int:
-    """Each adapter once, or on as many workers as its jobs need when none does more than the mean."""
-    counts = Counter(job.adapter for job in arrivals)
-    return sum(max(1, -(-count * workers // len(arrivals))) for count in counts.values())
 
 
 def simulate(
@@ -129,7 +122,7 @@ HEADER = (
 def rows(scenario: Scenario, *, scheduler: SchedulerPolicy, affinity: AffinityPolicy) -> list[str]:
     """One Markdown row per policy."""
     arrivals = scenario.arrivals()
-    bound = lower_bound(arrivals, scenario.workers - scenario.stopped)
+    bound = lower_bound([job.adapter for job in arrivals], scenario.workers - scenario.stopped)
     load = "at once" if scenario.utilisation is None else f"Poisson {scenario.utilisation:.0%}"
     got = {p: simulate(scenario, arrivals, p, scheduler=scheduler, affinity=affinity) for p in POLICIES}
     lines = []

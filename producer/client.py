@@ -20,6 +20,7 @@ from producer import defaults as d
 from producer.broker import broker_kind, broker_priority, broker_settings
 from producer.errors import BrokerUnavailableError
 from producer.redact import redact
+from producer.routing import FleetRoutes, job_queue
 from producer.schema import Job
 from producer.settings import read_environment
 
@@ -78,7 +79,9 @@ def grouped_order(jobs: Sequence[Job]) -> list[Job]:
 
 
 class Client:
-    """Sends jobs to the `omni` queue. Fire and forget: results are read from storage, not Celery."""
+    """Sends jobs to the `omni` queue, or while a fleet follows a plan each job with an adapter to
+    its adapter's shard queue (`producer.routing`). Fire and forget: results are read from
+    storage, not Celery."""
 
     def __init__(self, broker_url: str | None = None) -> None:
         env = read_environment()
@@ -90,6 +93,7 @@ class Client:
         with self.app.connection_for_write() as connection:  # builds the transport, connects nothing
             # The transport's own connection errors (redis-py's for Redis) escape a publish as they are.
             self._broker_errors = (OperationalError, _BatchPublishError, *connection.connection_errors)
+        self.routes = FleetRoutes(self.broker_url)
 
     def __repr__(self) -> str:
         return f"Client({self.safe_broker_url!r})"
@@ -102,6 +106,7 @@ class Client:
 
     def close(self) -> None:
         """Close the pooled broker connections."""
+        self.routes.close()
         self.app.close()
 
     def submit(self, job: Job) -> str:
@@ -144,22 +149,28 @@ class Client:
             producer.connection.ensure_connection(
                 max_retries=CONNECT_RETRIES, interval_start=0.1, interval_step=0.2
             )
-            # Declared once here, not re-checked per message (`declare=[]` in _send).
-            producer.maybe_declare(self.app.amqp.queues[d.QUEUE])
+            routed = self.routes.routing()
+            # Each queue declared once here, not re-checked per message (`declare=[]` in _send).
+            declared: set[str] = set()
             yield 0
             for start in range(0, len(jobs), PUBLISH_CHUNK):
                 chunk = jobs[start : start + PUBLISH_CHUNK]
+                queues = [job_queue(job.adapter, routed=routed) for job in chunk]
+                for queue in dict.fromkeys(queues).keys() - declared:
+                    producer.maybe_declare(self.app.amqp.queues[queue])
+                    declared.add(queue)
                 with _publish_batch(producer):
-                    for job in chunk:
-                        self._send(producer, job)
+                    for job, queue in zip(chunk, queues, strict=True):
+                        self._send(producer, job, queue)
+                self.routes.announce(queues)
                 yield len(chunk)
 
-    def _send(self, producer: Any, job: Job) -> None:
+    def _send(self, producer: Any, job: Job, queue: str) -> None:
         self.app.send_task(
             d.TASK_NAME,
             args=[job.wire_dict()],
             task_id=job.job_id,
-            queue=d.QUEUE,
+            queue=queue,
             priority=broker_priority(job.priority, self.broker_kind),
             headers={d.SUBMITTED_AT_HEADER: time.time()},
             # Celery would repr the whole job for logs and monitors, half the cost of a send.

@@ -14,6 +14,12 @@ QUEUE = "omni"
 # changing SHARDS moves (nearly) every adapter to another shard, so each is loaded once more.
 SHARD_QUEUE_PREFIX = QUEUE + ".a."
 SHARDS = 2048
+# Adapter affinity's keys in the broker's Redis (worker.fleet holds the rest). Producers route to
+# shard queues only while the plan exists (a coordinator writes it with a short expiry), and set
+# the news key after sending to shard queues, so the coordinator plans for them within a tick.
+FLEET_KEY_PREFIX = "omni:fleet:"
+FLEET_PLAN_KEY = FLEET_KEY_PREFIX + "plan"
+FLEET_NEWS_KEY = FLEET_KEY_PREFIX + "news"
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 DEFAULT_DATASET = "default"

@@ -51,6 +51,7 @@ ENV_COMPILE = "OMNI_COMPILE"
 ENV_OUTPUT_ROOTS = "OMNI_OUTPUT_ROOTS"
 ENV_ADAPTER_CACHE_DIR = "OMNI_ADAPTER_CACHE_DIR"
 ENV_ADAPTER_CACHE_BYTES = "OMNI_ADAPTER_CACHE_BYTES"
+ENV_AFFINITY = "OMNI_AFFINITY"
 # A URI scheme inside an os.pathsep-separated list: `s3://b/p` splits at its own ':' on POSIX.
 _SCHEME_WORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 
@@ -82,6 +83,7 @@ class Environment:
     output_roots: tuple[str, ...] = ()
     adapter_cache_dir: str | None = None
     adapter_cache_bytes: int | None = None
+    affinity: bool = True
 
 
 def cache_dir(env: Environment | None = None) -> Path:
@@ -163,4 +165,5 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         output_roots=split_roots(text(ENV_OUTPUT_ROOTS) or ""),
         adapter_cache_dir=text(ENV_ADAPTER_CACHE_DIR),
         adapter_cache_bytes=integer(ENV_ADAPTER_CACHE_BYTES),
+        affinity=switch(ENV_AFFINITY, True),
     )

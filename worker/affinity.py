@@ -26,7 +26,8 @@ Redis, no clock): docs/scheduling.md says what a real coordinator reads and how 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from hashlib import blake2b
@@ -272,6 +273,14 @@ def plan(
             book.remove(shard, donor)
             book.add(shard, worker)
     return Assignment({shard: tuple(owners) for shard, owners in sorted(book.owners.items())})
+
+
+def lower_bound(adapters: Sequence[str], workers: int) -> int:
+    """The fewest cold loads a fleet of `workers` can serve jobs naming `adapters` (one entry per
+    job) with, when no worker does more than the mean share of the jobs: each adapter once, or on
+    as many workers as its jobs need (docs/scheduling.md)."""
+    counts = Counter(adapters)
+    return sum(max(1, -(-count * workers // len(adapters))) for count in counts.values())
 
 
 class _Book:

@@ -22,6 +22,7 @@ from producer.settings import (
     ENV_ADAPTER_CACHE_BYTES,
     ENV_ADAPTER_CACHE_DIR,
     ENV_ADAPTER_ROOTS,
+    ENV_AFFINITY,
     ENV_BROKER_URL,
     ENV_CACHE_DIR,
     ENV_COMPILE,
@@ -167,7 +168,14 @@ def register_worker(subparsers: argparse._SubParsersAction) -> None:
         help=f"seconds between summary lines in the log, 0 for none "
         f"(default: ${ENV_SUMMARY_INTERVAL} or {DEFAULT_SUMMARY_INTERVAL_S:g})",
     )
-    worker.add_argument("--hostname", help="Celery node name (default: omni@<host>)")
+    worker.add_argument(
+        "--affinity",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"share adapters out across the fleet (docs/scheduling.md; Redis brokers only) "
+        f"(default: ${ENV_AFFINITY} or on)",
+    )
+    worker.add_argument("--hostname", help="Celery node name (default: omni@<host>, unique per worker)")
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(handler=worker_command)
 
@@ -263,6 +271,7 @@ def worker_command(args: argparse.Namespace) -> int:
         idle_s=args.idle_s,
         metrics_port=args.metrics_port,
         summary_interval_s=args.summary_interval_s,
+        affinity=args.affinity,
     )
     if not settings.allowed_outputs:
         raise UsageError(
@@ -279,6 +288,7 @@ def worker_command(args: argparse.Namespace) -> int:
     # The Celery worker's exit code (1 after an unrecoverable error), which worker_main drops.
     workers: list[Any] = []
     signals.worker_init.connect(lambda sender, **_: workers.append(sender), weak=False)
+    signals.worker_shutdown.connect(lambda **_: _leave_fleet(app), weak=False)
     app.worker_main(
         [
             "worker",
@@ -292,6 +302,13 @@ def worker_command(args: argparse.Namespace) -> int:
         ]
     )
     return (workers[-1].exitcode or EXIT_OK) if workers else EXIT_FAILURE
+
+
+def _leave_fleet(app: Any) -> None:
+    """A clean stop: out of the fleet at once, so its shards go to others without waiting for expiry."""
+    grouping = getattr(app, "omni_consumer", None)
+    if grouping is not None and grouping.fleet is not None:
+        grouping.fleet.stop()
 
 
 def _serve_metrics(settings: WorkerSettings) -> None:

@@ -6,7 +6,8 @@ it. A group runs when the window is full or no job has arrived for `idle_s`. Its
 stored on a background thread while the next group computes; each message is acked on the
 consumer's thread only once its image and sidecar (or its error record) are stored. A job that
 fails for good is recorded and acked; one whose storage stayed unreachable, or whose adapter root
-could not be reached, is requeued.
+could not be reached, is requeued. With adapter affinity (`worker.fleet`), the consumer's timer
+also follows the fleet's plan: it consumes the shard queues the plan gives this worker.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from worker.admission import Admission, to_pending
 from worker.attempts import AttemptCounter
 from worker.errors import AttemptsUnavailableError, PoisonJobError
 from worker.execute import Result, failure, generate_group, store_with_retry, take_group
+from worker.fleet import FleetMember, follow, join_fleet
 from worker.scheduler import Pending
 from worker.settings import WorkerSettings, build_engine
 
@@ -73,6 +75,8 @@ class GroupingConsumer:
         self.uploader = ThreadPoolExecutor(1, thread_name_prefix="omni-store")
         self.last_arrival = time.monotonic()
         self._timer = None
+        self.fleet: FleetMember | None = None
+        self._following: tuple[str, ...] | None = None
         metrics.WINDOW_JOBS.set_function(lambda: len(self.window))
         metrics.WINDOW_CAPACITY.set(settings.window)
         self.summary = metrics.SummaryLog(settings.summary_interval_s)
@@ -90,6 +94,9 @@ class GroupingConsumer:
             task_ready(pending.payload[0])
         self.window.clear()
         self.held.clear()
+        self._following = None  # a new task consumer: compare the plan with what it consumes
+        if self.fleet is None and self.settings.follows_fleet:
+            self.fleet = join_fleet(self.settings, consumer.hostname)
         app = self.app
         Request = create_request_cls(
             symbol_by_name(task.Request),
@@ -150,7 +157,7 @@ class GroupingConsumer:
                 logger.exception("job %s: unexpected error on receipt", request.id)
                 self._fail(request, e)
 
-        self._timer = consumer.timer.call_repeatedly(TICK_S, self.tick, priority=10)
+        self._timer = consumer.timer.call_repeatedly(TICK_S, lambda: self.tick(consumer), priority=10)
         return on_message
 
     # -- the window ----------------------------------------------------------------------------
@@ -164,13 +171,19 @@ class GroupingConsumer:
         if len(self.window) >= self.settings.window:
             self.run_next()
 
-    def tick(self) -> None:
-        """On the consumer's timer: settle finished uploads; run a group once arrivals pause."""
+    def tick(self, consumer: Any) -> None:
+        """On the consumer's timer: settle finished uploads; run a group once arrivals pause;
+        follow the fleet's plan."""
         try:
             self.harvest()
             if self.window and time.monotonic() - self.last_arrival >= self.settings.idle_s:
                 self.run_next()
             self.summary.maybe_log(len(self.window), self.settings.window)
+            if self.fleet is not None:
+                self.fleet.ran((), idle=not self.window)
+                if self.fleet.queues != self._following:
+                    follow(consumer, self.fleet.queues)
+                    self._following = self.fleet.queues
         except Exception:  # the timer must keep running whatever one group did
             logger.exception("omni-batch worker: unexpected error between groups")
 
@@ -208,6 +221,8 @@ class GroupingConsumer:
             self._succeed(request, "skipped: its outputs exist")  # a redelivery, or sent again
             return None
         self.held[job.job_id] = []
+        if self.fleet is not None:
+            self.fleet.taken(job.adapter)
         if isinstance(admitted, Result):
             self._store([(request, admitted)])
             return None
@@ -268,6 +283,8 @@ class GroupingConsumer:
         except Exception as e:  # not the job's own error: record it and keep serving
             logger.exception("omni-batch worker: a group of %d job(s) failed", len(items))
             results = [failure(item, e) for item in items]
+        if self.fleet is not None:
+            self.fleet.ran((item.job.adapter for item in items), idle=not self.window)
         self._store([(p.payload[0], result) for p, result in zip(batch, results, strict=True)])
 
     # -- storing and acking --------------------------------------------------------------------

@@ -10,6 +10,11 @@
    Nothing is ever outstanding: the worker holds only what it has read.
 2. **Leases** (`worker.leases`): every held message is renewed on a thread of its own, so a short
    visibility timeout returns a dead worker's jobs quickly and never a live worker's.
+2b. **Take order** (`worker.stealing.take_order`): with several queues (a worker following adapter
+   affinity consumes its shards' queues besides `omni`), the queue taken from last is taken from
+   first, so a window fills from one shard before the next, and a queue whose oldest job has
+   waited `steal_after_s` goes before all. kombu's cycle does the opposite (the queue just taken
+   from goes last), and a window refilled a few slots at a time then meets many adapters.
 3. **Unprioritised messages at the default priority.** kombu files a message sent without a
    priority as priority 0, which is the most urgent list in Redis order. A message taken from that
    list whose job does not ask for the most urgent priority is filed again, in the same step as
@@ -36,8 +41,10 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from producer.broker import BrokerKind, broker_priority
-from producer.defaults import DEFAULT_PRIORITY, MAX_PRIORITY
+from producer.defaults import DEFAULT_PRIORITY, MAX_PRIORITY, SUBMITTED_AT_HEADER
+from worker.affinity import AffinityPolicy
 from worker.leases import LeaseKeeper
+from worker.stealing import take_order
 
 logger = logging.getLogger("omni.worker")
 
@@ -47,6 +54,9 @@ POLL_INTERVAL_S = 0.1
 # hold up the worker's timers.
 MAX_TAKE = 128
 MAX_TAKE_ROUNDS = 8
+# How often a worker with several queues reads how long each queue's oldest job has waited.
+HEAD_AGES_S = 1.0
+_TAKE_POLICY = AffinityPolicy()
 
 # KEYS: unacked, unacked_index, then the lists in the order they are served.
 # ARGV: now, the most messages to take, then for each list (ARGV[i] goes with KEYS[i]) '1' to
@@ -83,6 +93,11 @@ for i = 3, #KEYS do
 end
 return taken
 """
+
+
+def priority_list_key(queue: str, priority: int) -> str:
+    """The Redis list kombu keeps a queue's messages of one broker priority in (0: the bare name)."""
+    return queue if priority == 0 else f"{queue}{kombu_redis.Channel.sep}{priority}"
 
 
 def job_broker_priority(payload: dict[str, Any]) -> int | None:
@@ -155,6 +170,9 @@ class Channel(kombu_redis.Channel):
         self._no_ack_queues: set[str] = set()
         self._next_take = 0.0
         self._take = self._create_client().register_script(TAKE_SCRIPT)
+        self._last_taken: dict[str, float] = {}
+        self._head_ages: dict[str, float] = {}
+        self._head_ages_due = 0.0
 
     def lease_client(self) -> redis.Redis:
         """A client on a connection pool of its own, for the lease thread."""
@@ -180,6 +198,10 @@ class Channel(kombu_redis.Channel):
     def take(self, count: int) -> int:
         """Pop up to `count` messages, highest priority first, recorded as reserved; deliver them."""
         queues = self._queue_cycle.consume(len(self.active_queues))
+        if len(queues) > 1:
+            queues = take_order(
+                queues, last_taken=self._last_taken, waited=self._waited(queues), policy=_TAKE_POLICY
+            )
         lists = [(self._q_for_pri(queue, pri), queue) for pri in self.priority_steps for queue in queues]
         record = ["0" if queue in self._no_ack_queues else "1" for _, queue in lists]
         with self.conn_or_acquire() as client:
@@ -212,6 +234,26 @@ class Channel(kombu_redis.Channel):
                     self.taken.discard(tag)
         return len(messages)
 
+    def _waited(self, queues: list[str]) -> dict[str, float]:
+        """How long each queue's oldest job has waited (from its submission header), read once a second."""
+        if monotonic() < self._head_ages_due:
+            return self._head_ages
+        keys = [(self._q_for_pri(queue, pri), queue) for queue in queues for pri in self.priority_steps]
+        with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+            for key, _ in keys:
+                pipe.lindex(key, -1)
+            heads = pipe.execute()
+        now, ages = time(), {}
+        for (_, queue), item in zip(keys, heads, strict=True):
+            try:
+                submitted = loads(bytes_to_str(item))["headers"][SUBMITTED_AT_HEADER] if item else None
+            except (KeyError, TypeError, ValueError):
+                submitted = None
+            if isinstance(submitted, float):
+                ages[queue] = max(ages.get(queue, 0.0), now - submitted)
+        self._head_ages, self._head_ages_due = ages, monotonic() + HEAD_AGES_S
+        return ages
+
     def _deliver_taken(self, key: str, item: str, payload: dict[str, Any] | None, tag: str | None) -> None:
         """Hand one message to its consumer; `tag` is None unless the take recorded it as reserved."""
         queue = key.rsplit(self.sep, 1)[0] if self.sep in key else key
@@ -219,6 +261,7 @@ class Channel(kombu_redis.Channel):
             logger.error("dropped a message from %r that is not a kombu message: %.200s", key, item)
             return
         self._queue_cycle.rotate(queue)
+        self._last_taken[queue] = monotonic()
         if tag is not None and key == self._q_for_pri(queue, self.priority_steps[0]):
             wanted = job_broker_priority(payload)
             if wanted is not None and self._q_for_pri(queue, wanted) != key:

@@ -88,6 +88,8 @@ class WorkerSettings:
     summary_interval_s: float = DEFAULT_SUMMARY_INTERVAL_S
     task_events: bool = True
     compile: str | None = None  # a torch.compile backend; None: not compiled
+    # Adapter affinity across a fleet (worker.fleet), on a Redis broker; RabbitMQ has none.
+    affinity: bool = True
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -170,6 +172,7 @@ class WorkerSettings:
             "summary_interval_s": env.summary_interval_s,
             "task_events": env.task_events,
             "compile": env.compile,
+            "affinity": env.affinity,
         }
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**{name: value for name, value in values.items() if value is not None})
@@ -196,6 +199,11 @@ class WorkerSettings:
         """What the engine may read adapters from: the local roots, and the cache when it is used."""
         local = [root for root in self.adapter_roots if not is_remote(root)]
         return [*local, self.adapter_cache_path] if self.has_remote_adapter_roots else local
+
+    @property
+    def follows_fleet(self) -> bool:
+        """Whether this worker takes part in adapter affinity: asked for, and on a Redis broker."""
+        return self.affinity and self.broker_url.startswith(("redis://", "rediss://"))
 
     @property
     def policy(self) -> SchedulerPolicy:

@@ -8,13 +8,14 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 from celery import Celery
-from fixtures.redis_server import RedisServer, free_port, priority_key, queued_messages
+from fixtures.redis_server import RedisServer, free_port, queued_messages
 
 from producer import defaults, settings
 from producer.broker import BrokerKind, broker_priority
 from producer.client import Client, celery_config
 from producer.errors import BrokerUnavailableError, ProducerError, SettingsError
 from producer.schema import Job
+from worker.redis_transport import priority_list_key
 
 
 @pytest.fixture(autouse=True)
@@ -78,8 +79,8 @@ def test_a_dataset_is_queued_with_each_adapters_jobs_together(client: Client, re
 def test_job_priority_maps_to_kombus_reversed_order(client: Client, redis_url: str) -> None:
     client.submit_many([Job(prompt=f"p{p}", priority=p) for p in range(10)])
     by_key = {m["key"]: m["decoded_body"][0][0]["priority"] for m in queued(redis_url)}
-    assert by_key[priority_key("omni", 0)] == 9  # the list kombu serves first
-    assert by_key[priority_key("omni", 9)] == 0
+    assert by_key[priority_list_key("omni", 0)] == 9  # the list kombu serves first
+    assert by_key[priority_list_key("omni", 9)] == 0
     assert len(by_key) == 10
     assert [broker_priority(p, BrokerKind.REDIS) for p in (9, 5, 0)] == [0, 4, 9]
     # RabbitMQ's real priorities serve the highest number first: a job's own.

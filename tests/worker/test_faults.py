@@ -140,7 +140,7 @@ def _held_in_a_window(jobs, redis_url, redis, start_worker, adapters, out: str, 
         client.submit_many(jobs)
     worker = start_worker(*worker_flags(redis_url, adapters, out, "--idle", "3600", *extra))
     _wait_for(
-        lambda: redis.hlen("unacked") == len(jobs) and not queued_messages(redis, "omni"),
+        lambda: redis.hlen("unacked") == len(jobs) and not queued_messages(redis),
         f"all {len(jobs)} reserved",
     )
     return worker
@@ -165,7 +165,7 @@ def test_a_job_held_many_timeouts_long_by_a_live_worker_is_never_redelivered(
         # Any worker's sweep (the holder's own runs every second) would put back a lease left
         # unrenewed for a timeout, and the holder would take that job again at once.
         assert "delivered again while held" not in holder.log, "a held job was redelivered"
-        assert not queued_messages(redis, "omni"), "a held job went back to the queue"
+        assert not queued_messages(redis), "a held job went back to the queue"
         leases = dict(redis.zrange("unacked_index", 0, -1, withscores=True))
         assert leases.keys() == taken_at.keys(), "the reserved jobs changed"
         return min(leases[tag] - taken_at[tag] for tag in leases) >= TIMEOUTS_HELD * LEASE_TIMEOUT_S

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import pytest
 from celery import Celery
-from fixtures.redis_server import priority_key, queued_messages, reserved_restorer
+from fixtures.redis_server import queued_messages, reserved_restorer
 from kombu import Connection, Consumer, Queue
 
 from producer import defaults as d
@@ -21,7 +21,7 @@ from producer.broker import BrokerKind, broker_priority
 from producer.client import Client, celery_config
 from producer.schema import validate_job
 from worker.leases import LeaseKeeper
-from worker.redis_transport import Transport
+from worker.redis_transport import Transport, priority_list_key
 
 TRANSPORT = f"{Transport.__module__}:{Transport.__name__}"
 
@@ -92,7 +92,7 @@ def test_a_taken_message_is_reserved_in_kombus_format_so_kombus_restore_returns_
         with reserved_restorer(redis_url) as restore:
             restore(taken["tag"])
     (after,) = queued_messages(redis, d.QUEUE)
-    assert after["key"] == priority_key(d.QUEUE, broker_priority(7, BrokerKind.REDIS))
+    assert after["key"] == priority_list_key(d.QUEUE, broker_priority(7, BrokerKind.REDIS))
     assert after["decoded_body"] == before[0]["decoded_body"] == json.loads(base64.b64decode(payload["body"]))
 
 
@@ -105,7 +105,7 @@ def test_a_message_sent_without_a_priority_is_served_at_the_default_priority(red
     app.close()
     queued = {m["decoded_body"][0][0]["prompt"]: m for m in queued_messages(redis_server.client(), d.QUEUE)}
     # kombu files it as broker priority 0: the most urgent list.
-    assert queued["raw"]["key"] == priority_key(d.QUEUE, 0)
+    assert queued["raw"]["key"] == priority_list_key(d.QUEUE, 0)
     with Client(redis_url) as client:
         client.submit(_job("urgent", priority=9))
 
@@ -117,8 +117,8 @@ def test_a_message_sent_without_a_priority_is_served_at_the_default_priority(red
 
 def test_an_entry_that_is_no_kombu_message_is_dropped_and_the_rest_are_served(redis_url, redis_server):
     redis = redis_server.client()
-    redis.lpush(priority_key(d.QUEUE, 0), b"not json at all")
-    redis.lpush(priority_key(d.QUEUE, 0), json.dumps({"properties": "odd"}))
+    redis.lpush(priority_list_key(d.QUEUE, 0), b"not json at all")
+    redis.lpush(priority_list_key(d.QUEUE, 0), json.dumps({"properties": "odd"}))
     with Client(redis_url) as client:
         client.submit(_job("fine"))
     assert [t["job"]["prompt"] for t in _take(redis_url, 1)] == ["fine"]
