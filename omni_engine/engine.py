@@ -8,6 +8,7 @@ import platform
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -179,8 +180,12 @@ class Omni:
             #    a mixed call, make every adapter resident and route each prompt to its own.
             started = time.perf_counter()
             if mixed:
-                activations, context = self._lora.activate_mixed(requests, scales)
+                merge = self._mixed_merge(requests, scales, steps)
+                activations, context = self._lora.activate_mixed(requests, scales, merge=merge)
                 applied.enter_context(context)
+                main = next((a for a in activations if a.fused), None)
+                if main is not None:
+                    applied.enter_context(fused(self._model.denoiser, main.adapter, merge[1]))
             else:
                 activation = self._lora.activate(
                     requests[0], scales[0], fuse=self._fuses(len(prompts), steps)
@@ -281,6 +286,21 @@ class Omni:
         if self.fuse is FuseMode.AUTO:
             return images * (steps or 1) >= FUSE_MIN_IMAGE_STEPS
         return self.fuse is FuseMode.ALWAYS
+
+    def _mixed_merge(
+        self, requests: Sequence[LoRARequest | None], scales: Sequence[float], steps: int | None
+    ) -> tuple[str, float] | None:
+        """The (lora_path, scale) a mixed call merges into the weights, or None: its largest
+        adapter, when the hooks then run over fewer rows (each other adapter's row twice: its
+        delta, and the merged one's taken out; each base row once) and the merge pays as a fused
+        call's would."""
+        calls = Counter((r.lora_path, s) for r, s in zip(requests, scales, strict=True) if r is not None)
+        if not calls:
+            return None
+        main, own = calls.most_common(1)[0]
+        with_adapter = sum(calls.values())
+        hooked = 2 * (with_adapter - own) + (len(requests) - with_adapter)
+        return main if hooked < with_adapter and self._fuses(own, steps) else None
 
     def _generator_device(self) -> str:
         return "cpu" if self.device.type == "mps" else self.device.type

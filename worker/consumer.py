@@ -181,9 +181,9 @@ class GroupingConsumer:
             self.summary.maybe_log(len(self.window), self.settings.window)
             if self.fleet is not None:
                 self.fleet.ran((), idle=not self.window)
-                if self.fleet.queues != self._following:
-                    follow(consumer, self.fleet.queues)
-                    self._following = self.fleet.queues
+                queues = self.fleet.queues
+                if queues != self._following and follow(consumer, queues):
+                    self._following = queues
         except Exception:  # the timer must keep running whatever one group did
             logger.exception("omni-batch worker: unexpected error between groups")
 

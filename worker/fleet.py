@@ -38,6 +38,7 @@ import redis
 
 from producer import defaults as d
 from producer.routing import adapter_shard
+from worker import metrics
 from worker.affinity import (
     AffinityPolicy,
     ArrivalRates,
@@ -235,6 +236,8 @@ class FleetMember:
             self._rates = None  # a later turn as coordinator resumes from Redis, not stale memory
         _, assignment = decode_plan(raw)
         self._queues = tuple(assignment.queues_of(self.worker))
+        metrics.FLEET_SHARD_QUEUES.set(len(self._queues) - 1)
+        metrics.FLEET_COORDINATOR.set(1 if coordinating else 0)
 
     def _coordinate(self, raw: bytes | None) -> str | None:
         """Plan when one is due; returns the new plan, or None if none was made."""
@@ -313,8 +316,11 @@ def join_fleet(settings: WorkerSettings, worker: str) -> FleetMember:
     return member
 
 
-def follow(consumer: Any, queues: Iterable[str]) -> None:
-    """On the consumer's thread: consume exactly `queues` (start the new, cancel the dropped)."""
+def follow(consumer: Any, queues: Iterable[str]) -> bool:
+    """On the consumer's thread: consume exactly `queues` (start the new, cancel the dropped).
+    False while the consumer has no connection to do it on (it is reconnecting)."""
+    if consumer.task_consumer is None:
+        return False
     wanted = list(queues)
     current = {queue.name for queue in consumer.task_consumer.queues}
     for queue in wanted:
@@ -323,3 +329,4 @@ def follow(consumer: Any, queues: Iterable[str]) -> None:
     for queue in current - set(wanted):
         if queue.startswith(d.SHARD_QUEUE_PREFIX):  # only shard queues: --queues are the operator's
             consumer.cancel_task_queue(queue)
+    return True

@@ -74,6 +74,10 @@ STORAGE_RETRIES = Counter(
 )
 WINDOW_JOBS = Gauge("omni_window_jobs", "Jobs held in the worker's window, waiting to be grouped")
 WINDOW_CAPACITY = Gauge("omni_window_capacity_jobs", "Jobs the window holds at most (OMNI_WINDOW)")
+FLEET_SHARD_QUEUES = Gauge(
+    "omni_fleet_shard_queues", "Shard queues the fleet's plan gives this worker, besides omni"
+)
+FLEET_COORDINATOR = Gauge("omni_fleet_coordinator", "1 while this worker is the fleet's coordinator (plans)")
 WORKER = Info("omni_worker", "The worker's model and cache settings")
 
 METRICS = (
@@ -91,6 +95,8 @@ METRICS = (
     STORAGE_RETRIES,
     WINDOW_JOBS,
     WINDOW_CAPACITY,
+    FLEET_SHARD_QUEUES,
+    FLEET_COORDINATOR,
     WORKER,
 )
 # Every source is exported from the start, at zero, so rates and sums over sources are defined.

@@ -152,10 +152,18 @@ class LoRAManager:
         return Activation(adapter, source, fuse, self.stats.stall_s - stalled_before)
 
     def activate_mixed(
-        self, requests: Sequence[LoRARequest | None], scales: Sequence[float]
+        self,
+        requests: Sequence[LoRARequest | None],
+        scales: Sequence[float],
+        *,
+        merge: tuple[str, float] | None = None,
     ) -> tuple[list[Activation], AbstractContextManager[None]]:
         """Make every adapter of a mixed call resident at once; one Activation per prompt, and the
-        context the call runs in (`SlotBank.mixed`). Never fused: one merge cannot serve two adapters.
+        context the call runs in (`SlotBank.mixed`).
+
+        `merge`, a (lora_path, scale) of the call, is the adapter the caller merges into the
+        weights for the call: its prompts' Activations say `fused`, and the context takes its
+        delta back out of every other prompt's rows.
 
         The call's adapters stay pinned in the model while the others are loaded, so one never
         evicts another; more distinct adapters than `max_loras` is LoRACapacityError.
@@ -188,9 +196,13 @@ class LoRAManager:
                 rows.append((None, 0.0))
                 continue
             adapter, source, stall_s = acquired[request.lora_path]
-            activations.append(Activation(adapter, source, stall_s=stall_s))
+            fused = (request.lora_path, scale) == merge
+            activations.append(Activation(adapter, source, fused=fused, stall_s=stall_s))
             rows.append((self._resident.get(adapter.key), scale))
-        return activations, self._slots.mixed(rows)
+        merged = None
+        if merge is not None:
+            merged = (self._resident.get(acquired[merge[0]][0].key), merge[1])
+        return activations, self._slots.mixed(rows, merged=merged)
 
     def prefetch(self, requests: Iterable[LoRARequest]) -> None:
         """Read and check these adapters in the background, unless held as they are on disk now.

@@ -172,7 +172,9 @@ class SlotBank:
         self._active = target
 
     @contextmanager
-    def mixed(self, rows: Sequence[tuple[str | None, float]]) -> Iterator[None]:
+    def mixed(
+        self, rows: Sequence[tuple[str | None, float]], *, merged: tuple[str, float] | None = None
+    ) -> Iterator[None]:
         """Run one call whose prompts each have their own slot and scale (None: the base model).
 
         Prompt i's rows of every LoRA layer's input get its slot's `B @ A` at its scale, added to
@@ -181,25 +183,34 @@ class SlotBank:
         one generated alone only where a matmul over fewer rows rounds differently. A layer may see
         the prompts repeated in whole blocks (classifier-free guidance runs `cat([x] * 2)`).
         Not with padded slots: hooks and changing row sets would recompile a compiled denoiser.
+
+        `merged`, a (slot, scale) of the call, says the caller merged that adapter into the base
+        weights for the call (`fusion.fused`): its own rows then need nothing, and every other row
+        gets its delta taken back out, so a call whose prompts are mostly one adapter's runs the
+        hooks over the few others only.
         """
         if self._padded:
             raise ValueError("a call mixing adapters cannot run on a compiled denoiser (compile=...)")
-        groups: dict[tuple[str, float], list[int]] = {}
+        groups: dict[tuple[str, float, float], list[int]] = {}
         for row, (name, scale) in enumerate(rows):
+            if (name, scale) == merged:
+                continue
             if name is not None and scale != 0.0:
-                groups.setdefault((name, scale), []).append(row)
+                groups.setdefault((name, scale, 1.0), []).append(row)
+            if merged is not None:
+                groups.setdefault((*merged, -1.0), []).append(row)
         handles = []
         self._active = None  # the layers' own state changes here: activate again afterwards
         _set_enabled(self._layers.values(), False)
         try:
             for module, layer in self._layers.items():
                 terms = []
-                for (name, scale), members in groups.items():
+                for (name, scale, sign), members in groups.items():
                     slot = self._slots[name]
                     if module in slot.targets:
                         weights = slot.weights[module]
                         index = torch.tensor(members, device=weights.a.device)
-                        terms.append(_Term(weights.a, weights.b, weights.scaling(scale), index))
+                        terms.append(_Term(weights.a, weights.b, sign * weights.scaling(scale), index))
                 if terms:
                     conv = layer.lora_A[self._name] if self._shapes[module].kernel else None
                     handles.append(layer.register_forward_hook(_MixedDelta(terms, len(rows), conv)))

@@ -120,6 +120,7 @@ def test_a_scraped_worker_reports_what_happened(
     assert samples[("omni_queue_wait_seconds_count", ())] == len(good)
     assert samples[("omni_window_jobs", ())] == 0
     assert samples[("omni_window_capacity_jobs", ())] == 64
+    assert samples[("omni_fleet_coordinator", ())] == 1, "the only worker on a Redis broker plans"
     info = [dict(labels) for (name, labels), _ in samples.items() if name == "omni_worker_info"]
     assert info and info[0]["model"] == "tiny-sd3"
     assert {name for name, _ in samples if name.startswith("omni_")} <= metrics.exported_names()
