@@ -1,13 +1,14 @@
 """A real fleet: N `omni-batch worker` processes on one private redis-server, the tiny model, a
-whole dataset queued at once; adapter affinity on, then off (every worker on the one `omni`
-queue), on the same jobs in the same run. Not part of the test run; one command:
+dataset queued at once (in one submission, or in waves sent one after another, as a backend sends
+batches of a stream); adapter affinity on, then off (every worker on the one `omni` queue), on
+the same jobs in the same run. Not part of the test run; one command:
 
-    python bench/fleet_real.py [--workers 3] [--jobs 240] [--adapters 24]
+    python bench/fleet_real.py [--workers 3] [--jobs 240] [--adapters 24] [--waves 1] [--held 2]
 
 Reports each mode's cold loads (engine calls that read an adapter's files, from each worker's
 metrics endpoint) against the fleet's lower bound (`worker.affinity.lower_bound`), the busiest
-worker's share of the jobs over the mean, and the wall time. Each worker holds 2 adapters in
-host memory and 1 in the model, as a GPU worker with many large adapters would, so a load that
+worker's share of the jobs over the mean, and the wall time. Each worker holds 1 adapter in the
+model and `--held` in host memory, as a GPU worker with many large adapters would, so a load that
 affinity saves is one the worker would really pay. It stops by itself: every wait has a deadline.
 """
 
@@ -58,15 +59,17 @@ class FleetRun:
         return max(self.jobs_per_worker) / mean if mean else 0.0
 
 
-def zipf_jobs(count: int, adapters: int, *, dataset: str, seed: int = 7) -> list[Job]:
-    """`count` jobs whose adapters `a0`.. are drawn Zipf(1.1), seeded: the same jobs every run."""
+def zipf_waves(count: int, adapters: int, waves: int, *, dataset: str, seed: int = 7) -> list[list[Job]]:
+    """`count` jobs in `waves` submissions, whose adapters `a0`.. are drawn Zipf(1.1), seeded: the
+    same jobs every run."""
     rng = random.Random(seed)
     weights = list(accumulate(1.0 / rank**ZIPF_S for rank in range(1, adapters + 1)))
     picks = rng.choices(range(adapters), cum_weights=weights, k=count)
-    return [
-        validate_job({"prompt": f"fleet {i}", "adapter": f"a{p}", "dataset": dataset})
-        for i, p in enumerate(picks)
+    jobs = [
+        validate_job({"prompt": f"fleet {i}", "adapter": f"a{pick}", "dataset": dataset})
+        for i, pick in enumerate(picks)
     ]
+    return [jobs[i * count // waves : (i + 1) * count // waves] for i in range(waves)]
 
 
 def write_adapters(root: Path, count: int) -> None:
@@ -89,6 +92,10 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
+def done_of(metrics: dict[str, float]) -> int:
+    return int(metrics.get("omni_jobs_done_total", 0))
+
+
 def wait_for(condition, what: str, *, deadline_s: float = DEADLINE_S) -> None:
     deadline = time.monotonic() + deadline_s
     while not condition():
@@ -99,28 +106,17 @@ def wait_for(condition, what: str, *, deadline_s: float = DEADLINE_S) -> None:
 
 def run_fleet(
     mode: str,
-    jobs: list[Job],
+    waves: list[list[Job]],
     *,
     workers: int,
+    held: int,
     adapters: Path,
     out: str,
     broker_url: str,
-    extra: tuple[str, ...] = (),
 ) -> FleetRun:
-    """Start `workers` workers in `mode`, submit `jobs` once the fleet is up, wait for every one."""
+    """Start `workers` workers in `mode`, submit each wave once the fleet is up, wait for every job."""
     ports = [free_port() for _ in range(workers)]
-    flags = (
-        "--max-loras",
-        "1",
-        "--max-cpu-loras",
-        "2",
-        "--window",
-        "16",
-        "--idle",
-        "0.3",
-        MODES[mode],
-        *extra,
-    )
+    flags = ("--max-loras", "1", f"--max-cpu-loras={held}", "--window", "16", "--idle", "0.3", MODES[mode])
     fleet = [
         WorkerProcess(
             worker_flags(
@@ -136,7 +132,9 @@ def run_fleet(
                 wait_for(lambda: client.exists(d.FLEET_PLAN_KEY), "the fleet's first plan")
         started = time.perf_counter()
         with Client(broker_url) as client:
-            client.submit_many(jobs)
+            for wave in waves:
+                client.submit_many(wave)
+        jobs = [job for wave in waves for job in wave]
         storage = open_storage(out)
         expected = frozenset(j.job_id for j in jobs)
         dataset = jobs[0].dataset
@@ -149,12 +147,14 @@ def run_fleet(
 
         wait_for(settled, f"{len(jobs)} jobs")
         seconds = time.perf_counter() - started
+        # A job's outputs are stored before the worker counts it done: wait for the last counts.
+        wait_for(lambda: sum(done_of(scrape(port)) for port in ports) >= len(jobs), "the workers' counts")
         metrics = [scrape(port) for port in ports]
     finally:
         for worker in fleet:
             worker.stop()
     cold = sum(int(m.get('omni_adapter_activations_total{source="disk"}', 0)) for m in metrics)
-    done = tuple(int(m.get("omni_jobs_done_total", 0)) for m in metrics)
+    done = tuple(done_of(m) for m in metrics)
     return FleetRun(mode, cold, done, seconds)
 
 
@@ -163,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=240)
     parser.add_argument("--adapters", type=int, default=24)
+    parser.add_argument(
+        "--waves", type=int, default=1, help="submissions the jobs are sent in, one after another"
+    )
+    parser.add_argument("--held", type=int, default=2, help="adapters each worker holds in host memory")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     args = parser.parse_args(argv)
     quiet_library_output()
@@ -175,20 +179,27 @@ def main(argv: list[str] | None = None) -> int:
             (work / mode).mkdir()
             server = start_redis_server(work / mode)
             try:
-                jobs = zipf_jobs(args.jobs, args.adapters, dataset="fleet")
+                waves = zipf_waves(args.jobs, args.adapters, args.waves, dataset="fleet")
                 out, adapters = str(work / mode / "out"), work / "adapters"
-                rows.append(
-                    run_fleet(
-                        mode, jobs, workers=args.workers, adapters=adapters, out=out, broker_url=server.url
-                    )
+                run = run_fleet(
+                    mode,
+                    waves,
+                    workers=args.workers,
+                    held=args.held,
+                    adapters=adapters,
+                    out=out,
+                    broker_url=server.url,
                 )
+                rows.append(run)
             finally:
                 server.stop()
+        jobs = [job for wave in waves for job in wave]
         bound = lower_bound([job.adapter for job in jobs], args.workers)
         used = len({job.adapter for job in jobs})
+    sent = "queued at once" if args.waves == 1 else f"sent in {args.waves} waves, one after another"
     print(
         f"{args.workers} workers, {args.jobs} jobs over {used} of {args.adapters} adapters (Zipf {ZIPF_S}), "
-        "queued at once; each worker holds 1 adapter in the model and 2 in host memory.\n"
+        f"{sent}; each worker holds 1 adapter in the model and {args.held} in host memory.\n"
     )
     print("| mode | cold loads | lower bound | cold / bound | jobs per worker | max share | wall s |")
     print("|---|---:|---:|---:|---|---:|---:|")
