@@ -294,7 +294,9 @@ class Omni:
         adapter, when the hooks then run over fewer rows (each other adapter's row twice: its
         delta, and the merged one's taken out; each base row once) and the merge pays as a fused
         call's would."""
-        calls = Counter((r.lora_path, s) for r, s in zip(requests, scales, strict=True) if r is not None)
+        calls = Counter(
+            (r.lora_path, s) for r, s in zip(requests, scales, strict=True) if r is not None and s != 0.0
+        )
         if not calls:
             return None
         main, own = calls.most_common(1)[0]

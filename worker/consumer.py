@@ -26,6 +26,7 @@ from celery.worker.state import revoked as revoked_tasks
 from celery.worker.state import task_ready, task_reserved
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 
+from producer import defaults as d
 from producer.defaults import DEFAULT_DATASET, SUBMITTED_AT_HEADER
 from producer.errors import InvalidStorageKeyError, JobValidationError, StorageError, StorageUnavailableError
 from producer.layout import JSON_CONTENT_TYPE, error_key
@@ -37,7 +38,7 @@ from worker.admission import Admission, to_pending
 from worker.attempts import AttemptCounter
 from worker.errors import AttemptsUnavailableError, PoisonJobError
 from worker.execute import Result, failure, generate_group, store_with_retry, take_group
-from worker.fleet import FleetMember, follow, join_fleet
+from worker.fleet import FleetMember, app_queues, follow, join_fleet
 from worker.scheduler import Pending
 from worker.settings import WorkerSettings, build_engine
 
@@ -77,6 +78,7 @@ class GroupingConsumer:
         self._timer = None
         self.fleet: FleetMember | None = None
         self._following: tuple[str, ...] | None = None
+        self._operator_queues: frozenset[str] | None = None
         metrics.WINDOW_JOBS.set_function(lambda: len(self.window))
         metrics.WINDOW_CAPACITY.set(settings.window)
         self.summary = metrics.SummaryLog(settings.summary_interval_s)
@@ -95,8 +97,10 @@ class GroupingConsumer:
         self.window.clear()
         self.held.clear()
         self._following = None  # a new task consumer: compare the plan with what it consumes
-        if self.fleet is None and self.settings.follows_fleet:
-            self.fleet = join_fleet(self.settings, consumer.hostname)
+        if self._operator_queues is None:  # the first connection: what --queues selected
+            self._operator_queues = frozenset(app_queues(self.app))
+            if self.settings.follows_fleet and d.QUEUE in self._operator_queues:
+                self.fleet = join_fleet(self.settings, consumer.hostname)
         app = self.app
         Request = create_request_cls(
             symbol_by_name(task.Request),
@@ -182,7 +186,7 @@ class GroupingConsumer:
             if self.fleet is not None:
                 self.fleet.ran((), idle=not self.window)
                 queues = self.fleet.queues
-                if queues != self._following and follow(consumer, queues):
+                if queues != self._following and follow(consumer, queues, keep=self._operator_queues):
                     self._following = queues
         except Exception:  # the timer must keep running whatever one group did
             logger.exception("omni-batch worker: unexpected error between groups")

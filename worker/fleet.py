@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -110,6 +111,16 @@ return out
 """
 
 
+def _beat(raw: bytes) -> dict[str, Any]:
+    """A heartbeat's content; an unreadable one (another version) says nothing."""
+    try:
+        beat = json.loads(raw)
+        held = [int(s) for s in beat.get("held", [])]
+        return {"held": held, "idle": bool(beat.get("idle"))}
+    except (TypeError, ValueError, AttributeError):
+        return {}
+
+
 def encode_plan(version: int, assignment: Assignment, shards: Iterable[int]) -> str:
     """The plan as stored: its version and the owners of `shards` (those with demand)."""
     owners = {str(s): list(assignment.owners[s]) for s in sorted(shards)}
@@ -155,6 +166,8 @@ class FleetMember:
         self._rates_at = 0.0
         self._last_plan = -float("inf")
         self._backlog = 0
+        self._settled = False  # the last plan changed no owner: an idle worker alone does not replan
+        self._redis_down = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="omni-fleet", daemon=True)
 
@@ -207,7 +220,9 @@ class FleetMember:
             try:
                 self.tick()
             except redis.RedisError as e:
-                logger.warning("fleet: Redis did not answer (%s); jobs go on from the queues followed", e)
+                if not self._redis_down:  # once per outage, not every tick
+                    logger.warning("fleet: Redis did not answer (%s); jobs go on from the queues followed", e)
+                self._redis_down = True
             except Exception:  # the heartbeat must outlive any one bad plan
                 logger.exception("fleet: unexpected error")
             self._stop.wait(TICK_S)
@@ -229,15 +244,24 @@ class FleetMember:
             )
             self._scripts["lock"](keys=[LOCK_KEY], args=[self.worker, ttl_ms], client=pipe)
             *_, coordinating = pipe.execute()
+        self._redis_down = False
         raw = self.redis.get(d.FLEET_PLAN_KEY)
         if coordinating:
-            raw = self._coordinate(raw) or raw
+            try:
+                raw = self._coordinate(raw) or raw
+            except Exception:
+                # Held by a coordinator that cannot plan, the lock would stop every plan for good.
+                self._scripts["unlock"](keys=[LOCK_KEY], args=[self.worker])
+                self._rates = None
+                raise
         else:
             self._rates = None  # a later turn as coordinator resumes from Redis, not stale memory
+        metrics.FLEET_COORDINATOR.set(1 if coordinating else 0)
+        if raw is None:
+            return  # no coordinator at the moment: keep serving the shards followed until one plans
         _, assignment = decode_plan(raw)
         self._queues = tuple(assignment.queues_of(self.worker))
         metrics.FLEET_SHARD_QUEUES.set(len(self._queues) - 1)
-        metrics.FLEET_COORDINATOR.set(1 if coordinating else 0)
 
     def _coordinate(self, raw: bytes | None) -> str | None:
         """Plan when one is due; returns the new plan, or None if none was made."""
@@ -251,9 +275,9 @@ class FleetMember:
         redis_now, live = self._scripts["live"](keys=[WORKERS_KEY], args=[self.policy.heartbeat_ttl_s])
         live = [w.decode() for w in live]
         beats = dict(zip(live, self.redis.mget([HELD_KEY_PREFIX + w for w in live]), strict=True))
-        heard = {w: json.loads(b) for w, b in beats.items() if b is not None}
+        heard = {w: _beat(b) for w, b in beats.items() if b is not None}
         someone_idle = any(h.get("idle") for h in heard.values())
-        if not (due or news or (someone_idle and self._backlog)):
+        if not (due or news or (someone_idle and self._backlog and not self._settled)):
             return None
         if not live:
             return None
@@ -269,6 +293,7 @@ class FleetMember:
         version, previous = decode_plan(raw)
         held = {w: h.get("held", []) for w, h in heard.items()}
         assignment = plan(loads, Rendezvous(live), previous=previous, held=held, policy=self.policy)
+        self._settled = {s: assignment.owners[s] for s in loads} == dict(previous.owners)
         encoded = encode_plan(version + 1, assignment, loads)
         ttl_ms = int(self.policy.replan_s * PLAN_LIFETIMES * 1000)
         self.redis.set(d.FLEET_PLAN_KEY, encoded, px=ttl_ms)
@@ -288,13 +313,15 @@ class FleetMember:
             if saved is not None:
                 data = json.loads(saved)
                 self._rates.seconds = float(data["seconds"])
-                self._rates.jobs = {int(s): float(n) for s, n in data["jobs"].items()}
+                jobs = {int(s): float(n) for s, n in data["jobs"].items()}
+                self._rates.jobs = {s: n for s, n in jobs.items() if 0 <= s < self.policy.shards}
                 self._rates_at = float(data["at"])
         with self.redis.pipeline() as pipe:  # read and cleared in one transaction
             pipe.hgetall(TAKEN_KEY).delete(TAKEN_KEY)
             counted, _ = pipe.execute()
         elapsed = max(redis_now - self._rates_at, 1e-3)
-        self._rates.advance(elapsed, {int(s): int(n) for s, n in counted.items()})
+        counts = {int(s): int(n) for s, n in counted.items()}
+        self._rates.advance(elapsed, {s: n for s, n in counts.items() if 0 <= s < self.policy.shards})
         self._rates_at = redis_now
         saved = {"seconds": self._rates.seconds, "jobs": self._rates.jobs, "at": redis_now}
         self.redis.set(RATES_KEY, json.dumps(saved), ex=RATES_TTL_S)
@@ -305,28 +332,37 @@ _SCRIPTS = {"beat": _BEAT, "live": _LIVE, "lock": _LOCK, "unlock": _UNLOCK, "bac
 
 
 def join_fleet(settings: WorkerSettings, worker: str) -> FleetMember:
-    """Start `worker`'s part in the fleet on the broker's Redis; it leaves with `FleetMember.stop`."""
+    """Start `worker`'s part in the fleet on the broker's Redis; it leaves with `FleetMember.stop`.
+
+    Its name in the fleet carries the process id: workers of one host (one per GPU) often share a
+    Celery node name, and two members of one name would both coordinate and take each other out.
+    """
     member = FleetMember(
         redis.Redis.from_url(settings.broker_url, socket_timeout=10),
-        worker,
+        f"{worker}#{os.getpid()}",
         policy=AffinityPolicy(held_adapters=settings.max_cpu_loras),
     )
     member.start()
-    logger.info("fleet: %s follows adapter affinity (docs/scheduling.md)", worker)
+    logger.info("fleet: %s follows adapter affinity (docs/scheduling.md)", member.worker)
     return member
 
 
-def follow(consumer: Any, queues: Iterable[str]) -> bool:
-    """On the consumer's thread: consume exactly `queues` (start the new, cancel the dropped).
-    False while the consumer has no connection to do it on (it is reconnecting)."""
+def app_queues(app: Any) -> list[str]:
+    """The queues a Celery app's worker was told to consume (`--queues`)."""
+    return list(app.amqp.queues.consume_from)
+
+
+def follow(consumer: Any, queues: Iterable[str], *, keep: Collection[str] = ()) -> bool:
+    """On the consumer's thread: consume the plan's shard queues (start the new, cancel the
+    dropped), never touching `keep`, the queues the operator named. False while the consumer has
+    no connection to do it on (it is reconnecting)."""
     if consumer.task_consumer is None:
         return False
-    wanted = list(queues)
+    wanted = {queue for queue in queues if queue.startswith(d.SHARD_QUEUE_PREFIX)}
     current = {queue.name for queue in consumer.task_consumer.queues}
-    for queue in wanted:
-        if queue not in current:
-            consumer.add_task_queue(queue)
-    for queue in current - set(wanted):
-        if queue.startswith(d.SHARD_QUEUE_PREFIX):  # only shard queues: --queues are the operator's
+    for queue in sorted(wanted - current):
+        consumer.add_task_queue(queue)
+    for queue in sorted(current - wanted - set(keep)):
+        if queue.startswith(d.SHARD_QUEUE_PREFIX):
             consumer.cancel_task_queue(queue)
     return True

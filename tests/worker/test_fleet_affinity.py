@@ -171,6 +171,5 @@ def test_a_killed_worker_s_shards_and_reserved_jobs_finish_on_the_other(
     storage = open_storage(s3_bucket.uri)
     status = wait_settled(storage, "killed", (j.job_id for j in jobs), broker_url=redis_url)
     assert status.done == len(jobs) and status.failed == 0
-    assert {w for ws in _plan(client).values() for w in ws} == {"heir@fleet"}, (
-        "the dead worker's shards moved"
-    )
+    owners = {w.split("#")[0] for ws in _plan(client).values() for w in ws}  # node name#pid
+    assert owners == {"heir@fleet"}, "the dead worker's shards moved"
