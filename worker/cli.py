@@ -175,7 +175,7 @@ def register_worker(subparsers: argparse._SubParsersAction) -> None:
         help=f"share adapters out across the fleet (docs/scheduling.md; Redis brokers only) "
         f"(default: ${ENV_AFFINITY} or on)",
     )
-    worker.add_argument("--hostname", help="Celery node name (default: omni@<host>, unique per worker)")
+    worker.add_argument("--hostname", help="Celery node name (default: omni@<host>)")
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(handler=worker_command)
 
