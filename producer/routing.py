@@ -16,6 +16,7 @@ from hashlib import blake2b
 import redis
 
 from producer import defaults as d
+from producer.broker import BrokerKind, broker_kind
 from producer.errors import SettingsError
 
 logger = logging.getLogger("omni.producer")
@@ -46,7 +47,7 @@ class FleetRoutes:
     """
 
     def __init__(self, broker_url: str) -> None:
-        is_redis = broker_url.startswith(("redis://", "rediss://"))
+        is_redis = broker_kind(broker_url) is BrokerKind.REDIS
         self._redis = redis.Redis.from_url(broker_url, socket_timeout=5) if is_redis else None
 
     def routing(self) -> bool:

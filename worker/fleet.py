@@ -12,16 +12,18 @@ Every worker on a Redis broker runs a `FleetMember` thread that ticks every `TIC
    backlog (every shard queue's lists, summed by one server-side script), it calls
    `worker.affinity.plan` and writes each busy shard's owners to `omni:fleet:plan`, with an expiry
    of a few plans: while it exists producers route, so when no coordinator is left they stop.
-3. **Follow.** It reads the plan and publishes the queues this worker should consume: `omni`
-   always, and its shards'. The consumer's thread applies them (`consumer.add_task_queue`,
+3. **Follow.** It reads the plan and publishes the shard queues this worker should consume
+   besides its `--queues`. The consumer's thread applies them (`consumer.add_task_queue`,
    `cancel_task_queue`), since kombu's channel is not thread-safe; cancelling a queue stops new
    takes only, and jobs already reserved stay leased and are acked as any.
 
-An idle worker is not left idle while a shard has a backlog: its heartbeat says so and the next
-plan, made at once, gives it a share (a hot shard gets several owners, who all take from its one
-queue). That replan is this worker's form of stealing. A dead worker's stamp ages out after
-`heartbeat_ttl_s`, and the next plan gives its shards to others; its reserved jobs come back to
-their shard queues after the visibility timeout, as on `omni`.
+An idle worker's heartbeat says so, and while a shard has a backlog the next plan is made at
+once; the plan's band may give the idle worker a share (a hot shard gets several owners, who all
+take from its one queue). When that plan moves nothing, idleness alone stops triggering plans, so
+a worker can idle while another's shard has a backlog: stealing (`worker.stealing.steal_target`)
+is not wired in. A dead worker's stamp ages out after `heartbeat_ttl_s`, and the next plan gives
+its shards to others; its reserved jobs come back to their shard queues after the visibility
+timeout, as on `omni`.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from omni_engine.defaults import DEFAULT_MAX_CPU_LORAS, DEFAULT_MAX_LORAS
 from omni_engine.lora.fuse_mode import FuseMode
 from omni_engine.models.presets import DEFAULT_MODEL
 from producer.adapter_roots import is_remote
+from producer.broker import BrokerKind, broker_kind
 from producer.defaults import DEFAULT_BROKER_URL
 from producer.errors import InvalidStorageURIError, SettingsError
 from producer.output_uri import parse_output_uri
@@ -203,7 +204,7 @@ class WorkerSettings:
     @property
     def follows_fleet(self) -> bool:
         """Whether this worker takes part in adapter affinity: asked for, and on a Redis broker."""
-        return self.affinity and self.broker_url.startswith(("redis://", "rediss://"))
+        return self.affinity and broker_kind(self.broker_url) is BrokerKind.REDIS
 
     @property
     def policy(self) -> SchedulerPolicy:

@@ -23,7 +23,7 @@ import pytest
 from fixtures.brokers import wait_for_counts
 from fixtures.embedded import assert_same_images_as_embedded
 from fixtures.redis_server import free_port, queued_messages, reserved_restorer
-from fixtures.worker_process import ADAPTERS, wait_settled, worker_flags
+from fixtures.worker_process import ADAPTERS, wait_for, wait_settled, worker_flags
 from moto.server import ThreadedMotoServer
 
 from producer import layout
@@ -59,13 +59,6 @@ def _jobs(dataset: str, count: int) -> list:
     ]
 
 
-def _wait_for(condition, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)  # polling a condition with a deadline
-
-
 # Batched float math depends on what a job is batched with, by a unit in the last place; a job
 # run again after a crash lands in another batch. One job per call makes every image independent
 # of scheduling, so a rerun writes the very same bytes.
@@ -93,7 +86,7 @@ def test_kill_9_mid_group_loses_nothing_and_duplicates_nothing(
     first = start_worker(
         *worker_flags(broker.url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL)
     )
-    _wait_for(lambda: any(k.endswith(".json") for k in storage.list_keys("killed/")), "a first sidecar")
+    wait_for(lambda: any(k.endswith(".json") for k in storage.list_keys("killed/")), "a first sidecar")
     first.stop(signal.SIGKILL)
     killed_at = time.time()
     redis = broker.server.client() if broker.kind == "redis" else None
@@ -108,7 +101,7 @@ def test_kill_9_mid_group_loses_nothing_and_duplicates_nothing(
         return all(leases.get(tag, math.inf) > killed_at for tag in orphans)
 
     if redis is not None:  # RabbitMQ returns them as the connection closes
-        _wait_for(released, "the killed worker's jobs released", timeout=RECOVERY_DEADLINE_S)
+        wait_for(released, "the killed worker's jobs released", timeout=RECOVERY_DEADLINE_S)
     wait_settled(storage, "killed", (j.job_id for j in jobs), broker_url=broker.url)
     _assert_each_once_with_the_right_bytes(storage, jobs, six_adapters, tmp_path)
 
@@ -125,7 +118,7 @@ def test_a_job_redelivered_while_held_is_not_lost_when_the_worker_dies(
     holder = start_worker(
         *worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "3600", "--loglevel", "DEBUG")
     )
-    _wait_for(lambda: "delivered again while held" in holder.log, "a redelivery to the holding worker")
+    wait_for(lambda: "delivered again while held" in holder.log, "a redelivery to the holding worker")
     holder.stop(signal.SIGKILL)
 
     start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL))
@@ -139,7 +132,7 @@ def _held_in_a_window(jobs, redis_url, redis, start_worker, adapters, out: str, 
     with Client(redis_url) as client:
         client.submit_many(jobs)
     worker = start_worker(*worker_flags(redis_url, adapters, out, "--idle", "3600", *extra))
-    _wait_for(
+    wait_for(
         lambda: redis.hlen("unacked") == len(jobs) and not queued_messages(redis),
         f"all {len(jobs)} reserved",
     )
@@ -170,7 +163,7 @@ def test_a_job_held_many_timeouts_long_by_a_live_worker_is_never_redelivered(
         assert leases.keys() == taken_at.keys(), "the reserved jobs changed"
         return min(leases[tag] - taken_at[tag] for tag in leases) >= TIMEOUTS_HELD * LEASE_TIMEOUT_S
 
-    _wait_for(held_long_enough, f"leases renewed for {TIMEOUTS_HELD} timeouts", timeout=600)
+    wait_for(held_long_enough, f"leases renewed for {TIMEOUTS_HELD} timeouts", timeout=600)
     assert holder.stop(signal.SIGTERM) == 0  # a warm shutdown puts the held jobs back at once
 
     start_worker(*worker_flags(redis_url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL))
@@ -226,7 +219,7 @@ def test_broker_restart_with_persistence_keeps_queued_jobs_and_workers_reconnect
 
     storage = open_storage(s3_bucket.uri)
     start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri, "--idle", "0.2", *ONE_PER_CALL))
-    _wait_for(lambda: any(k.endswith(".json") for k in storage.list_keys("restart/")), "a first sidecar")
+    wait_for(lambda: any(k.endswith(".json") for k in storage.list_keys("restart/")), "a first sidecar")
     broker.kill()
     broker.start()  # same port: the worker reconnects on its own
     wait_settled(storage, "restart", (j.job_id for j in jobs), broker_url=broker.url)
@@ -252,7 +245,7 @@ def test_s3_outage_is_waited_out_without_regenerating(
     flags = worker_flags(broker.url, six_adapters, out, "--idle", "0.2", "--loglevel", "DEBUG")
     monkeypatch.setenv("OMNI_S3_ENDPOINT_URL", endpoint)
     worker = start_worker(*flags)
-    _wait_for(lambda: "retry" in worker.log, "a failed store and its retry")
+    wait_for(lambda: "retry" in worker.log, "a failed store and its retry")
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     s3.start()
     try:
@@ -324,9 +317,7 @@ def test_a_poison_job_is_failed_after_a_bound_and_the_rest_complete(
     crashes = 0
     while True:
         worker = start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri, "--idle", "0.2"))
-        _wait_for(
-            lambda w=worker: w.proc.poll() is not None or settled(), "a crash or every job settled", 180
-        )
+        wait_for(lambda w=worker: w.proc.poll() is not None or settled(), "a crash or every job settled", 180)
         if worker.proc.poll() is None:
             break
         crashes += 1

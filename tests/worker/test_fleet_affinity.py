@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 
 import redis
 from fixtures.redis_server import KOMBU_PRIORITY_SEP, queued_messages
-from fixtures.worker_process import wait_settled, worker_flags
+from fixtures.worker_process import wait_for, wait_settled, worker_flags
 
 from producer import defaults as d
 from producer import layout
@@ -19,15 +18,6 @@ from producer.schema import validate_job
 from producer.storage import open_storage
 from worker.affinity import AffinityPolicy, lower_bound
 from worker.fleet import LOCK_KEY, FleetMember, decode_plan
-
-DEADLINE_S = 120.0
-
-
-def _wait_for(condition, what: str, timeout: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)  # polling a condition with a deadline
 
 
 def _jobs(dataset: str, adapters: list[str], per_adapter: list[int], *, wave: int = 0) -> list:
@@ -94,7 +84,7 @@ def test_without_a_coordinator_the_plan_expires_and_jobs_go_to_omni_again(redis_
     member = _member(redis_url, "gone@test", replan_s=0.2)
     member.tick()
     assert client.exists(d.FLEET_PLAN_KEY)
-    _wait_for(lambda: not client.exists(d.FLEET_PLAN_KEY), "the plan to expire")  # no tick: it died
+    wait_for(lambda: not client.exists(d.FLEET_PLAN_KEY), "the plan to expire")  # no tick: it died
     with Client(redis_url) as producer:
         producer.submit_many(_jobs("late", ["style-0"], [2]))
     assert _queues_of(client, "late") == {d.QUEUE}
@@ -128,7 +118,7 @@ def test_three_workers_load_each_adapter_about_once_and_finish_every_job(
         )
         start_worker(*flags)
     client = redis.Redis.from_url(redis_url)
-    _wait_for(lambda: client.exists(d.FLEET_PLAN_KEY), "the fleet's first plan")
+    wait_for(lambda: client.exists(d.FLEET_PLAN_KEY), "the fleet's first plan")
     waves = [_jobs("fleet", names, WAVE, wave=wave) for wave in range(WAVES)]
     with Client(redis_url) as producer:
         for wave in waves:
@@ -158,13 +148,13 @@ def test_a_killed_worker_s_shards_and_reserved_jobs_finish_on_the_other(
     doomed = start_worker(
         *worker_flags(redis_url, six_adapters, out, *flags, "--idle=3600", "--hostname=doomed@fleet")
     )
-    _wait_for(lambda: client.exists(d.FLEET_PLAN_KEY), "the fleet's first plan")
+    wait_for(lambda: client.exists(d.FLEET_PLAN_KEY), "the fleet's first plan")
     names = [f"style-{i}" for i in range(6)]
     jobs = _jobs("killed", names, [3] * 6)
     with Client(redis_url) as producer:
         producer.submit_many(jobs)
     # The only worker owns every shard and reserves every job; it never runs a group.
-    _wait_for(lambda: client.hlen("unacked") == len(jobs), f"all {len(jobs)} reserved")
+    wait_for(lambda: client.hlen("unacked") == len(jobs), f"all {len(jobs)} reserved")
     start_worker(*worker_flags(redis_url, six_adapters, out, *flags, "--hostname=heir@fleet"))
     doomed.stop(signal.SIGKILL)
 
