@@ -99,7 +99,7 @@ class GroupingConsumer:
         self._following = None  # a new task consumer: compare the plan with what it consumes
         if self._operator_queues is None:  # the first connection: what --queues selected
             self._operator_queues = frozenset(app_queues(self.app))
-            if self.settings.follows_fleet and d.QUEUE in self._operator_queues:
+            if self.settings.meets_fleet and d.QUEUE in self._operator_queues:
                 self.fleet = join_fleet(self.settings, consumer.hostname)
         app = self.app
         Request = create_request_cls(
@@ -184,7 +184,7 @@ class GroupingConsumer:
                 self.run_next()
             self.summary.maybe_log(len(self.window), self.settings.window)
             if self.fleet is not None:
-                self.fleet.ran((), idle=not self.window)
+                self.fleet.ran((), holding=len(self.window))
                 queues = self.fleet.queues
                 if queues != self._following and follow(consumer, queues, keep=self._operator_queues):
                     self._following = queues
@@ -288,7 +288,7 @@ class GroupingConsumer:
             logger.exception("omni-batch worker: a group of %d job(s) failed", len(items))
             results = [failure(item, e) for item in items]
         if self.fleet is not None:
-            self.fleet.ran((item.job.adapter for item in items), idle=not self.window)
+            self.fleet.ran((item.job.adapter for item in items), holding=len(self.window))
         self._store([(p.payload[0], result) for p, result in zip(batch, results, strict=True)])
 
     # -- storing and acking --------------------------------------------------------------------

@@ -17,13 +17,17 @@ Every worker on a Redis broker runs a `FleetMember` thread that ticks every `TIC
    `cancel_task_queue`), since kombu's channel is not thread-safe; cancelling a queue stops new
    takes only, and jobs already reserved stay leased and are acked as any.
 
-An idle worker's heartbeat says so, and while a shard has a backlog the next plan is made at
-once; the plan's band may give the idle worker a share (a hot shard gets several owners, who all
-take from its one queue). When that plan moves nothing, idleness alone stops triggering plans, so
-a worker can idle while another's shard has a backlog: stealing (`worker.stealing.steal_target`)
-is not wired in. A dead worker's stamp ages out after `heartbeat_ttl_s`, and the next plan gives
-its shards to others; its reserved jobs come back to their shard queues after the visibility
-timeout, as on `omni`.
+4. **Steal.** An idle worker's heartbeat says so (and every heartbeat says how much room its
+   window has), and while a shard has a backlog the next plan is made at once. Its band may give
+   the idle worker owned work; whatever it gives, each idle worker is also handed one steal
+   (`worker.stealing`): a busy shard queue whose owners cannot take its backlog soon (more jobs
+   than their windows have room for, or an oldest job `steal_after_s` old), and how many jobs to
+   take from it. The thief consumes that queue until it has taken them, or for `replan_s` at most.
+   So no worker idles while another's shard has jobs its owners cannot get to.
+
+A dead worker's stamp ages out after `heartbeat_ttl_s`, and the next plan gives its shards to
+others; its reserved jobs come back to their shard queues after the visibility timeout, as on
+`omni`.
 """
 
 from __future__ import annotations
@@ -34,13 +38,14 @@ import os
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import redis
 
 from producer import defaults as d
-from producer.routing import adapter_shard
+from producer.routing import adapter_shard, shard_queue
 from worker import metrics
 from worker.affinity import (
     AffinityPolicy,
@@ -51,7 +56,9 @@ from worker.affinity import (
     plan,
     shard_demand,
 )
-from worker.redis_transport import priority_list_key
+from worker.redis_transport import priority_list_key, submitted_at
+from worker.settings import DEFAULT_WINDOW
+from worker.stealing import QueueState, steal_count, steal_target
 
 if TYPE_CHECKING:
     from worker.settings import WorkerSettings
@@ -118,28 +125,40 @@ def _beat(raw: bytes) -> dict[str, Any]:
     try:
         beat = json.loads(raw)
         held = [int(s) for s in beat.get("held", [])]
-        return {"held": held, "idle": bool(beat.get("idle"))}
+        return {"held": held, "idle": bool(beat.get("idle")), "room": max(0, int(beat.get("room", 0)))}
     except (TypeError, ValueError, AttributeError):
         return {}
 
 
-def encode_plan(version: int, assignment: Assignment, shards: Iterable[int]) -> str:
-    """The plan as stored: its version and the owners of `shards` (those with demand)."""
-    owners = {str(s): list(assignment.owners[s]) for s in sorted(shards)}
-    return json.dumps({"version": version, "owners": owners}, separators=(",", ":"))
+@dataclass(frozen=True)
+class FleetPlan:
+    """What the coordinator publishes: each busy shard's owners, and each idle worker's steal
+    (shard -> how many jobs to take from its queue)."""
 
+    version: int = 0
+    assignment: Assignment = field(default_factory=Assignment)
+    steals: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
 
-def decode_plan(raw: bytes | str | None) -> tuple[int, Assignment]:
-    """(version, owners) of a stored plan; (0, no owners) when there is none or it is unreadable."""
-    if raw is None:
-        return 0, Assignment()
-    try:
-        data = json.loads(raw)
-        owners = {int(s): tuple(str(w) for w in ws) for s, ws in data["owners"].items()}
-        return int(data["version"]), Assignment(owners)
-    except (KeyError, TypeError, ValueError, AttributeError):
-        logger.warning("ignored an unreadable fleet plan: %.200r", raw)
-        return 0, Assignment()
+    def encode(self) -> str:
+        owners = {str(s): list(ws) for s, ws in sorted(self.assignment.owners.items())}
+        steals = {w: {str(s): n for s, n in taken.items()} for w, taken in sorted(self.steals.items())}
+        data = {"version": self.version, "owners": owners, "steals": steals}
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: bytes | str | None) -> FleetPlan:
+        """A stored plan; an empty one when there is none or it is unreadable (another version)."""
+        if raw is None:
+            return cls()
+        try:
+            data = json.loads(raw)
+            owners = {int(s): tuple(str(w) for w in ws) for s, ws in data["owners"].items()}
+            stolen = data.get("steals", {}).items()
+            steals = {str(w): {int(s): int(n) for s, n in t.items()} for w, t in stolen}
+            return cls(int(data["version"]), Assignment(owners), steals)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            logger.warning("ignored an unreadable fleet plan: %.200r", raw)
+            return cls()
 
 
 class FleetMember:
@@ -151,25 +170,32 @@ class FleetMember:
         worker: str,
         *,
         policy: AffinityPolicy,
+        window: int = DEFAULT_WINDOW,
+        joins: bool = True,
         min_replan_s: float = MIN_REPLAN_S,
     ) -> None:
         self.redis = client
         self.worker = worker
         self.policy = policy
+        self.joins = joins
+        self.window = window
         self.min_replan_s = min_replan_s
         self._suffixes = [priority_list_key("", p) for p in d.BROKER_PRIORITY_STEPS]
         self._scripts = {name: client.register_script(s) for name, s in _SCRIPTS.items()}
         self._lock = threading.Lock()
         self._taken: Counter[int] = Counter()
         self._ran: OrderedDict[int, None] = OrderedDict()  # shards of the adapters run last
-        self._idle = True
-        self._queues: tuple[str, ...] = (d.QUEUE,)
+        self._holding = 0  # jobs in the window
+        self._owned: tuple[str, ...] = (d.QUEUE,)
+        self._plan_version = 0
+        self._steals: dict[int, tuple[int, float]] = {}  # shard -> (jobs still to take, until when)
         self._rates: ArrivalRates | None = None
         self._rates_at = 0.0
         self._last_plan = -float("inf")
         self._backlog = 0
         self._settled = False  # the last plan changed no owner: an idle worker alone does not replan
         self._redis_down = False
+        self._joined = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="omni-fleet", daemon=True)
 
@@ -179,13 +205,20 @@ class FleetMember:
         self._thread.start()
 
     def taken(self, adapter: str | None) -> None:
-        """A job for `adapter` was taken: counted towards its shard's rate."""
+        """A job for `adapter` was taken: counted towards its shard's rate and any steal from it."""
         if adapter:
+            shard = adapter_shard(adapter, self.policy.shards)
             with self._lock:
-                self._taken[adapter_shard(adapter, self.policy.shards)] += 1
+                self._taken[shard] += 1
+                if shard in self._steals:
+                    left, until = self._steals[shard]
+                    if left > 1:
+                        self._steals[shard] = (left - 1, until)
+                    else:
+                        del self._steals[shard]
 
-    def ran(self, adapters: Iterable[str | None], *, idle: bool) -> None:
-        """The adapters of the group just run, and whether the window is empty now."""
+    def ran(self, adapters: Iterable[str | None], *, holding: int) -> None:
+        """The adapters of the group just run (if any), and how many jobs the window holds now."""
         with self._lock:
             for adapter in adapters:
                 if adapter:
@@ -194,18 +227,23 @@ class FleetMember:
                     self._ran.move_to_end(shard)
             while len(self._ran) > self.policy.held_adapters:
                 self._ran.popitem(last=False)
-            self._idle = idle
+            self._holding = holding
 
     @property
     def queues(self) -> tuple[str, ...]:
-        """What this worker should consume now: `omni`, then its shards' queues."""
-        return self._queues
+        """What this worker should consume now: `omni`, its shards' queues, then any it steals from."""
+        now = time.monotonic()
+        with self._lock:
+            stolen = [shard_queue(s) for s, (_, until) in sorted(self._steals.items()) if until > now]
+        return self._owned + tuple(q for q in stolen if q not in self._owned)
 
     def stop(self) -> None:
         """Leave the fleet at once (a clean stop): the next plan, made now, gives its shards away."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=TICK_S * 5)
+        if not self.joins:
+            return
         try:
             with self.redis.pipeline() as pipe:
                 pipe.zrem(WORKERS_KEY, self.worker).delete(HELD_KEY_PREFIX + self.worker)
@@ -231,11 +269,14 @@ class FleetMember:
 
     def tick(self) -> None:
         """Beat, plan if this worker coordinates and a plan is due, then read the plan."""
+        if not self.joins:
+            self._adopt_orphans()
+            return
         with self._lock:
-            held, idle, taken = list(self._ran), self._idle, dict(self._taken)
+            held, holding, taken = list(self._ran), self._holding, dict(self._taken)
             self._taken.clear()
         ttl_ms = int(self.policy.heartbeat_ttl_s * 1000)
-        beat = json.dumps({"held": held, "idle": idle})
+        beat = json.dumps({"held": held, "idle": holding == 0, "room": max(0, self.window - holding)})
         with self.redis.pipeline() as pipe:
             for shard, count in taken.items():
                 pipe.hincrby(TAKEN_KEY, str(shard), count)
@@ -245,7 +286,11 @@ class FleetMember:
                 client=pipe,
             )
             self._scripts["lock"](keys=[LOCK_KEY], args=[self.worker, ttl_ms], client=pipe)
-            *_, coordinating = pipe.execute()
+            if not self._joined:  # news: the next plan, made at once, gives a newcomer its share
+                pipe.set(d.FLEET_NEWS_KEY, 1)
+            replies = pipe.execute()
+        coordinating = replies[len(taken) + 1]
+        self._joined = True
         self._redis_down = False
         raw = self.redis.get(d.FLEET_PLAN_KEY)
         if coordinating:
@@ -261,9 +306,38 @@ class FleetMember:
         metrics.FLEET_COORDINATOR.set(1 if coordinating else 0)
         if raw is None:
             return  # no coordinator at the moment: keep serving the shards followed until one plans
-        _, assignment = decode_plan(raw)
-        self._queues = tuple(assignment.queues_of(self.worker))
-        metrics.FLEET_SHARD_QUEUES.set(len(self._queues) - 1)
+        self._follow(FleetPlan.decode(raw))
+
+    def _adopt_orphans(self) -> None:
+        """Outside the fleet, consume the shard queues that hold jobs while no plan exists: no
+        worker with affinity is left to, and their jobs would wait for one otherwise."""
+        now = time.monotonic()
+        if now - self._last_plan < self.policy.replan_s:
+            return
+        self._last_plan = now
+        orphans = () if self.redis.exists(d.FLEET_PLAN_KEY) else sorted(self._read_backlog())
+        self._owned = (d.QUEUE, *(shard_queue(shard) for shard in orphans))
+        metrics.FLEET_SHARD_QUEUES.set(len(orphans))
+        if orphans:
+            logger.info("fleet: no worker follows the plan; taking from %d shard queue(s)", len(orphans))
+
+    def _follow(self, plan: FleetPlan) -> None:
+        """Take the plan's owned queues, and the steal it hands this worker (once per plan)."""
+        self._owned = tuple(plan.assignment.queues_of(self.worker))
+        metrics.FLEET_SHARD_QUEUES.set(len(self._owned) - 1)
+        now = time.monotonic()
+        with self._lock:
+            self._steals = {s: steal for s, steal in self._steals.items() if steal[1] > now}
+        if plan.version == self._plan_version:
+            return
+        self._plan_version = plan.version
+        until = now + self.policy.replan_s
+        for shard, count in plan.steals.get(self.worker, {}).items():
+            if 0 <= shard < self.policy.shards and count > 0:
+                with self._lock:
+                    self._steals[shard] = (count, until)
+                metrics.FLEET_STEALS.inc()
+                logger.info("fleet: idle, so taking up to %d job(s) from %s", count, shard_queue(shard))
 
     def _coordinate(self, raw: bytes | None) -> str | None:
         """Plan when one is due; returns the new plan, or None if none was made."""
@@ -292,15 +366,70 @@ class FleetMember:
             demand = shard_demand(rates.per_second(shard), backlog.get(shard, 0), policy=self.policy)
             if demand > 0:
                 loads[shard] = ShardLoad(demand)
-        version, previous = decode_plan(raw)
+        previous = FleetPlan.decode(raw)
         held = {w: h.get("held", []) for w, h in heard.items()}
-        assignment = plan(loads, Rendezvous(live), previous=previous, held=held, policy=self.policy)
-        self._settled = {s: assignment.owners[s] for s in loads} == dict(previous.owners)
-        encoded = encode_plan(version + 1, assignment, loads)
+        assignment = plan(
+            loads, Rendezvous(live), previous=previous.assignment, held=held, policy=self.policy
+        )
+        busy = Assignment({s: assignment.owners[s] for s in sorted(loads)})
+        steals = self._steals_for(heard, busy, backlog)
+        # Idleness alone plans again only while the last plan moved or stole something.
+        self._settled = busy.owners == previous.assignment.owners and not steals
+        encoded = FleetPlan(previous.version + 1, busy, steals).encode()
         ttl_ms = int(self.policy.replan_s * PLAN_LIFETIMES * 1000)
         self.redis.set(d.FLEET_PLAN_KEY, encoded, px=ttl_ms)
-        logger.debug("fleet: plan %d for %d worker(s), %d busy shard(s)", version + 1, len(live), len(loads))
+        logger.debug(
+            "fleet: plan %d for %d worker(s), %d busy shard(s), %d steal(s)",
+            previous.version + 1, len(live), len(loads), len(steals),
+        )  # fmt: skip
         return encoded
+
+    def _steals_for(
+        self, heard: Mapping[str, dict[str, Any]], busy: Assignment, backlog: Mapping[int, int]
+    ) -> dict[str, dict[int, int]]:
+        """One steal for each idle worker, from the longest shard queue its owners cannot take soon."""
+        thieves = sorted(w for w, h in heard.items() if h.get("idle") and h.get("room", 0) > 0)
+        if not thieves or not backlog:
+            return {}
+        owners = {s: busy.owners.get(s, ()) for s in backlog}
+        room = {s: sum(heard.get(w, {}).get("room", 0) for w in ws) for s, ws in owners.items()}
+        ages = self._head_ages([s for s, n in backlog.items() if n <= room[s]])  # where age decides
+        shard_of = {shard_queue(s): s for s in backlog}
+        states = {
+            shard_queue(s): QueueState(
+                name=shard_queue(s),
+                backlog=n,
+                head_age_s=ages.get(s, 0.0),
+                owners=len(owners[s]),
+                owners_room=room[s],
+            )
+            for s, n in backlog.items()
+        }
+        steals = {}
+        for thief in thieves:
+            target = steal_target(states.values(), own=set(busy.queues_of(thief)), policy=self.policy)
+            if target is None:
+                continue
+            count = steal_count(target, heard[thief]["room"])
+            steals[thief] = {shard_of[target.name]: count}
+            states[target.name] = replace(target, backlog=target.backlog - count, owners=target.owners + 1)
+        return steals
+
+    def _head_ages(self, shards: list[int]) -> dict[int, float]:
+        """How long each shard queue's oldest job has waited, from its submission header."""
+        if not shards:
+            return {}
+        keys = [(shard, shard_queue(shard) + suffix) for shard in shards for suffix in self._suffixes]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for _, key in keys:
+                pipe.lindex(key, -1)
+            heads = pipe.execute()
+        now, ages = time.time(), {}
+        for (shard, _), item in zip(keys, heads, strict=True):
+            sent = submitted_at(item)
+            if sent is not None:
+                ages[shard] = max(ages.get(shard, 0.0), now - sent)
+        return ages
 
     def _read_backlog(self) -> dict[int, int]:
         reply = self._scripts["backlog"](args=[d.SHARD_QUEUE_PREFIX, self.policy.shards, *self._suffixes])
@@ -335,6 +464,7 @@ _SCRIPTS = {"beat": _BEAT, "live": _LIVE, "lock": _LOCK, "unlock": _UNLOCK, "bac
 
 def join_fleet(settings: WorkerSettings, worker: str) -> FleetMember:
     """Start `worker`'s part in the fleet on the broker's Redis; it leaves with `FleetMember.stop`.
+    A worker with affinity off only takes jobs stranded on shard queues when no plan is left.
 
     Its name in the fleet carries the process id: workers of one host (one per GPU) often share a
     Celery node name, and two members of one name would both coordinate and take each other out.
@@ -343,9 +473,12 @@ def join_fleet(settings: WorkerSettings, worker: str) -> FleetMember:
         redis.Redis.from_url(settings.broker_url, socket_timeout=10),
         f"{worker}#{os.getpid()}",
         policy=AffinityPolicy(held_adapters=settings.max_cpu_loras),
+        window=settings.window,
+        joins=settings.follows_fleet,
     )
     member.start()
-    logger.info("fleet: %s follows adapter affinity (docs/scheduling.md)", member.worker)
+    if member.joins:
+        logger.info("fleet: %s follows adapter affinity (docs/scheduling.md)", member.worker)
     return member
 
 

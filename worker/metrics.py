@@ -78,6 +78,9 @@ FLEET_SHARD_QUEUES = Gauge(
     "omni_fleet_shard_queues", "Shard queues the fleet's plan gives this worker, besides omni"
 )
 FLEET_COORDINATOR = Gauge("omni_fleet_coordinator", "1 while this worker is the fleet's coordinator (plans)")
+FLEET_STEALS = Counter(
+    "omni_fleet_steals_total", "Times this worker, idle, took jobs from a shard queue the plan gives others"
+)
 WORKER = Info("omni_worker", "The worker's model and cache settings")
 
 METRICS = (
@@ -97,6 +100,7 @@ METRICS = (
     WINDOW_CAPACITY,
     FLEET_SHARD_QUEUES,
     FLEET_COORDINATOR,
+    FLEET_STEALS,
     WORKER,
 )
 # Every source is exported from the start, at zero, so rates and sums over sources are defined.

@@ -100,6 +100,17 @@ def priority_list_key(queue: str, priority: int) -> str:
     return queue if priority == 0 else f"{queue}{kombu_redis.Channel.sep}{priority}"
 
 
+def submitted_at(item: bytes | str | None) -> float | None:
+    """When a queued kombu message was sent (its producer's header, wall clock), if it says."""
+    if item is None:
+        return None
+    try:
+        sent = loads(bytes_to_str(item))["headers"][SUBMITTED_AT_HEADER]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return sent if isinstance(sent, float) else None
+
+
 def job_broker_priority(payload: dict[str, Any]) -> int | None:
     """The broker priority an `omni.generate` message's job asks for; None if it is no job."""
     try:
@@ -245,11 +256,8 @@ class Channel(kombu_redis.Channel):
             heads = pipe.execute()
         now, ages = time(), {}
         for (_, queue), item in zip(keys, heads, strict=True):
-            try:
-                submitted = loads(bytes_to_str(item))["headers"][SUBMITTED_AT_HEADER] if item else None
-            except (KeyError, TypeError, ValueError):
-                submitted = None
-            if isinstance(submitted, float):
+            submitted = submitted_at(item)
+            if submitted is not None:
                 ages[queue] = max(ages.get(queue, 0.0), now - submitted)
         self._head_ages, self._head_ages_due = ages, monotonic() + HEAD_AGES_S
         return ages

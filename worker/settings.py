@@ -204,7 +204,12 @@ class WorkerSettings:
     @property
     def follows_fleet(self) -> bool:
         """Whether this worker takes part in adapter affinity: asked for, and on a Redis broker."""
-        return self.affinity and broker_kind(self.broker_url) is BrokerKind.REDIS
+        return self.affinity and self.meets_fleet
+
+    @property
+    def meets_fleet(self) -> bool:
+        """Whether shard queues can exist on this worker's broker (Redis), whatever it asked for."""
+        return broker_kind(self.broker_url) is BrokerKind.REDIS
 
     @property
     def policy(self) -> SchedulerPolicy:

@@ -1,7 +1,8 @@
 """Which queue a worker takes from next: its own in an order that finishes one shard before the
 next, and, when it has nothing to do, another's (work stealing), so no worker idles while jobs wait.
 
-Pure, as `worker.affinity`: the worker passes in what it knows of its queues and of Redis.
+Pure, as `worker.affinity`: the Redis take passes in its queues' ages (`take_order`), and the
+coordinator (`worker.fleet`) what it reads of the queues and of the workers' heartbeats (the steals).
 """
 
 from __future__ import annotations
