@@ -34,6 +34,7 @@ from redis.exceptions import LockError
 from producer import defaults as d
 from producer.client import Client, celery_config
 from producer.errors import BrokerUnavailableError
+from producer.routing import describe_queues
 from producer.run_ledger import RunLedger, RunRecord, RunState
 from producer.schedule_file import Schedule
 from producer.settings import read_environment
@@ -215,7 +216,8 @@ class DatasetScheduler(RedBeatScheduler):
             raise
         period = (schedule.trigger.next_after(scheduled_at) - scheduled_at).total_seconds()
         self.ledger.mark_sent(record, jobs=len(jobs), keep_s=2 * period)
-        log.info("sent run %s: %d jobs to queue '%s'", record.dataset, len(jobs), d.QUEUE)
+        where = describe_queues(self.client.sent_to)
+        log.info("sent run %s: %d jobs to %s", record.dataset, len(jobs), where)
 
     def close(self) -> None:
         if self._client is not None:

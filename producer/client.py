@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -94,6 +95,8 @@ class Client:
             # The transport's own connection errors (redis-py's for Redis) escape a publish as they are.
             self._broker_errors = (OperationalError, _BatchPublishError, *connection.connection_errors)
         self.routes = FleetRoutes(self.broker_url)
+        # Where the last `submit_many` sent its jobs: queue -> jobs (for what a CLI or beat reports).
+        self.sent_to: Counter[str] = Counter()
 
     def __repr__(self) -> str:
         return f"Client({self.safe_broker_url!r})"
@@ -122,6 +125,7 @@ class Client:
         drops mid-way.
         """
         jobs = list(jobs)
+        self.sent_to = Counter()
         chunks = self._publish(grouped_order(jobs))
         sent, connected = 0, False
         while True:
@@ -163,6 +167,7 @@ class Client:
                     for job, queue in zip(chunk, queues, strict=True):
                         self._send(producer, job, queue)
                 self.routes.announce(queues)
+                self.sent_to.update(queues)
                 yield len(chunk)
 
     def _send(self, producer: Any, job: Job, queue: str) -> None:

@@ -10,7 +10,7 @@ travel on the plain queue, which every worker serves.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from hashlib import blake2b
 
 import redis
@@ -37,6 +37,16 @@ def shard_queue(shard: int) -> str:
 def job_queue(adapter: str | None, *, routed: bool) -> str:
     """The queue of a job naming `adapter`: its shard's while `routed`, else the plain queue."""
     return shard_queue(adapter_shard(adapter)) if routed and adapter else d.QUEUE
+
+
+def describe_queues(sent_to: Mapping[str, int]) -> str:
+    """Where jobs went, for a person: "queue 'omni'", or how many went to adapters' shard queues."""
+    plain = f"queue '{d.QUEUE}'"
+    routed = {queue: n for queue, n in sent_to.items() if queue != d.QUEUE}
+    if not routed:
+        return plain
+    text = f"{len(routed)} adapter shard queue(s) ({sum(routed.values())} job(s), adapter affinity)"
+    return text + (f" and {plain} ({sent_to[d.QUEUE]} job(s))" if sent_to.get(d.QUEUE) else "")
 
 
 class FleetRoutes:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from producer import defaults as d
 from producer.cli import EXIT_FAILURE, EXIT_OK, add_job_default_flags, read_jobs
+from producer.routing import describe_queues
 from producer.settings import ENV_BROKER_URL
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 3. Summarise.
     datasets = Counter(job.dataset for job in jobs)
-    print(f"submitted {len(jobs)} jobs to queue '{d.QUEUE}' on {client.safe_broker_url}")
+    print(f"submitted {len(jobs)} jobs to {describe_queues(client.sent_to)} on {client.safe_broker_url}")
     print("datasets: " + ", ".join(f"{name} ({n})" for name, n in sorted(datasets.items())))
     if duplicates:
         print(f"skipped {duplicates} duplicate line(s): same job, same job_id")

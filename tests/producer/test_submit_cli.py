@@ -14,8 +14,10 @@ import redis
 from fixtures.command_process import OMNI_BATCH
 from fixtures.redis_server import RedisServer, free_port, queued_messages
 
+from producer import defaults as d
 from producer import settings
 from producer.cli import main
+from producer.routing import adapter_shard, shard_queue
 
 
 @pytest.fixture(autouse=True)
@@ -54,6 +56,28 @@ def test_submit_enqueues_every_job_and_prints_a_summary(
     out = capsys.readouterr().out
     assert f"submitted 3 jobs to queue 'omni' on {redis_url}" in out
     assert "datasets: cats (2), dogs (1)" in out
+
+
+def test_submit_says_when_a_fleet_following_affinity_takes_the_jobs_on_shard_queues(
+    tmp_path: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.set(d.FLEET_PLAN_KEY, json.dumps({"version": 1, "owners": {}}))  # a coordinator's plan
+    jobs = write_jobs(
+        tmp_path / "jobs.jsonl",
+        {"prompt": "a cat", "adapter": "styles/ink"},
+        {"prompt": "a dog", "adapter": "styles/ink"},
+        {"prompt": "a cow", "adapter": "styles/oil"},
+        {"prompt": "a hen"},
+    )
+    assert main(["submit", jobs, "--broker", redis_url]) == 0
+
+    routed = {shard_queue(adapter_shard(name)) for name in ("styles/ink", "styles/oil")}
+    assert len(queued_messages(client, "omni")) == 1, "a job without an adapter stays on omni"
+    assert sum(len(queued_messages(client, queue)) for queue in routed) == 3
+    out = capsys.readouterr().out
+    where = "2 adapter shard queue(s) (3 job(s), adapter affinity) and queue 'omni' (1 job(s))"
+    assert f"submitted 4 jobs to {where} on {redis_url}" in out
 
 
 def test_flags_are_defaults_for_lines_that_lack_the_field(tmp_path: Path, redis_url: str) -> None:
