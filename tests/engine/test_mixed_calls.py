@@ -15,10 +15,10 @@ SEEDS = [1, 2, 3, 4, 5]
 # A matmul over more rows may round differently: 1 of 255 at most, where an adapter moves pixels by tens.
 ROUNDING = 1
 MIN_LORA_CHANGE = 8
-# A call that merges one adapter and takes it back out of the other rows rounds along two paths: on
-# tiny-sdxl, with an adapter at twice PEFT's scaling, the same prompt alone fused and unfused differs
-# by 2 levels already.
-MERGED_ROUNDING = 3
+# A call that merges one adapter and takes it back out of the other rows rounds along two paths
+# (the merged weight, less the delta): each may round as far as the prompt's image alone differs
+# fused and unfused, measured in the test (up to 3 levels on tiny-sdxl, by CPU and BLAS).
+ROUNDING_PATHS = 2
 
 
 def _pixels(output) -> np.ndarray:
@@ -66,10 +66,16 @@ def test_a_call_mostly_of_one_adapter_merges_it_and_every_prompt_keeps_its_image
         for p, r, seed in zip(PROMPTS, requests, SEEDS, strict=True)
     ]
 
+    never = omni_factory(max_loras=3, fuse="never")
+    calls = zip(PROMPTS, requests, SEEDS, strict=True)
+    unfused = [never.generate(p, lora_request=r, seed=seed)[0] for p, r, seed in calls]
+
     # a's three prompts run merged; b's and the base prompt get a's delta taken back out.
     assert [m.metadata["fused"] for m in mixed] == [True, True, True, False, False]
-    for i, (m, one) in enumerate(zip(mixed, alone, strict=True)):
-        assert np.abs(_pixels(m) - _pixels(one)).max() <= MERGED_ROUNDING, f"prompt {i}: not its image alone"
+    for i, (m, one, other_path) in enumerate(zip(mixed, alone, unfused, strict=True)):
+        rounding = max(1, np.abs(_pixels(one) - _pixels(other_path)).max())
+        difference = np.abs(_pixels(m) - _pixels(one)).max()
+        assert difference <= ROUNDING_PATHS * rounding, f"prompt {i}: not its image alone ({difference})"
     # The merge is undone exactly: the base model's image is the fresh engine's, byte for byte.
     again = omni.generate(PROMPTS[4], seed=SEEDS[4])[0]
     fresh = omni_factory(max_loras=3, fuse="auto").generate(PROMPTS[4], seed=SEEDS[4])[0]
