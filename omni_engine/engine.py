@@ -18,7 +18,7 @@ import torch
 from omni_engine.defaults import DEFAULT_MAX_CPU_LORAS, DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS
 from omni_engine.lora.adapter import DEFAULT_MAX_ADAPTER_BYTES, LoRAAdapter
 from omni_engine.lora.fuse_mode import FuseMode
-from omni_engine.lora.fusion import fused
+from omni_engine.lora.fusion import BaseWeights
 from omni_engine.lora.manager import LoRAInfo, LoRAManager
 from omni_engine.lora.request import LoRARequest
 from omni_engine.models.loader import load_model, resolve_device
@@ -84,6 +84,7 @@ class Omni:
         self.compile = check_compile_backend(compile)
         self.device, self.dtype = resolve_device(device, dtype)
         self._model = load_model(model, device=self.device, dtype=self.dtype)
+        self._base = BaseWeights(self._model.denoiser)
         self._lora = LoRAManager(
             self._model.denoiser,
             component=self._model.denoiser_name,
@@ -185,13 +186,13 @@ class Omni:
                 applied.enter_context(context)
                 main = next((a for a in activations if a.fused), None)
                 if main is not None:
-                    applied.enter_context(fused(self._model.denoiser, main.adapter, merge[1]))
+                    applied.enter_context(self._base.fused(main.adapter, merge[1]))
             else:
                 activation = self._lora.activate(
                     requests[0], scales[0], fuse=self._fuses(len(prompts), steps)
                 )
                 if activation.fused:
-                    applied.enter_context(fused(self._model.denoiser, activation.adapter, scales[0]))
+                    applied.enter_context(self._base.fused(activation.adapter, scales[0]))
                 activations = [activation] * len(prompts)
             adapter_s = time.perf_counter() - started
 

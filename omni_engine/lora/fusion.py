@@ -3,10 +3,12 @@
 Unfused, every targeted layer runs two extra matmuls on every step of every image (vLLM-Omni
 measured +12% to +30% a forward pass, and graph breaks under `torch.compile`). Merged, the
 denoiser runs at the base model's speed. The merge is PEFT's `W + (B @ A) * scaling`, so a fused
-image equals PEFT's merged model within rounding. The base weights are never
-"unmerged" by subtraction, which is not exact: each touched weight is copied before the merge and
-copied back after the call, so after any sequence of fused calls every parameter is bit-identical
-to the model as loaded.
+image equals PEFT's merged model within rounding. The base weights are never "unmerged" by
+subtraction, which is not exact: the first merge that touches a weight keeps a copy of it as
+loaded (`BaseWeights`), and every call ends by writing that copy back, so after any sequence of
+fused calls every parameter is bit-identical to the model as loaded. A call then costs two passes
+over the weights it touches (the merge, one `addmm_`; the restore, one copy), where copying each
+weight aside at every call took a third pass and an allocation.
 """
 
 from __future__ import annotations
@@ -74,24 +76,41 @@ def _copy(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
     return saved.copy_(weight.detach())
 
 
-@contextmanager
-def fused(model: torch.nn.Module, adapter: LoRAAdapter, scale: float) -> Iterator[None]:
-    """Within the block, the model's base weights carry `adapter` at `scale`; after it, not a bit of it.
+class BaseWeights:
+    """The model's base weights as loaded, for each module a merge has touched: what every fused
+    call restores.
 
-    The model's LoRA layers must be off meanwhile, or the adapter would apply twice.
+    Memory: one copy of each weight any adapter merged into (on the device while it has 1 GiB to
+    spare, else pinned host memory), kept from its first merge; a call's peak is what a copy taken
+    for the call alone would be.
     """
-    layers = {module: base_layer(model, module) for module in adapter.modules}
-    device = _backup_device([layer.weight for layer in layers.values()])
-    saved: dict[str, torch.Tensor] = {}
-    try:
-        with torch.no_grad():
-            for module, layer in layers.items():
-                a = adapter.tensors[f"{module}.lora_A.weight"]
-                b = adapter.tensors[f"{module}.lora_B.weight"]
-                saved[module] = _copy(layer.weight, device)
-                add_delta(layer, a, b, scaling(adapter, module, scale))
-        yield
-    finally:
-        with torch.no_grad():
-            for module, copy in saved.items():
-                layers[module].weight.copy_(copy)
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._loaded: dict[str, torch.Tensor] = {}
+
+    @contextmanager
+    def fused(self, adapter: LoRAAdapter, scale: float) -> Iterator[None]:
+        """Within the block, the model's base weights carry `adapter` at `scale`; after it, not a
+        bit of it. The model's LoRA layers must be off meanwhile, or the adapter would apply twice.
+        """
+        layers = {module: base_layer(self.model, module) for module in adapter.modules}
+        new = [module for module in layers if module not in self._loaded]
+        if new:
+            device = _backup_device([layers[module].weight for module in new])
+            with torch.no_grad():
+                for module in new:
+                    self._loaded[module] = _copy(layers[module].weight, device)
+        touched: list[str] = []
+        try:
+            with torch.no_grad():
+                for module, layer in layers.items():
+                    a = adapter.tensors[f"{module}.lora_A.weight"]
+                    b = adapter.tensors[f"{module}.lora_B.weight"]
+                    touched.append(module)
+                    add_delta(layer, a, b, scaling(adapter, module, scale))
+            yield
+        finally:
+            with torch.no_grad():
+                for module in touched:
+                    layers[module].weight.copy_(self._loaded[module])
