@@ -136,7 +136,7 @@ class LoRAManager:
 
         With `fuse` (and a scale other than 0.0), the adapter is only held, not made resident, and the
         model's LoRA layers are off: the caller merges it into the weights for the call
-        (`fusion.fused`), as the returned `Activation.fused` says.
+        (`fusion.BaseWeights.fused`), as the returned `Activation.fused` says.
         """
         if request is None:
             self._slots.activate(None)

@@ -185,7 +185,7 @@ class SlotBank:
         Not with padded slots: hooks and changing row sets would recompile a compiled denoiser.
 
         `merged`, a (slot, scale) of the call, says the caller merged that adapter into the base
-        weights for the call (`fusion.fused`): its own rows then need nothing, and every other row
+        weights for the call (`fusion.BaseWeights`): its own rows then need nothing, and every other row
         gets its delta taken back out, so a call whose prompts are mostly one adapter's runs the
         hooks over the few others only. Those rows then round along two paths (the merged weight,
         less the delta), not only where a matmul over fewer rows rounds differently.
