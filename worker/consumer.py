@@ -6,8 +6,9 @@ it. A group runs when the window is full or no job has arrived for `idle_s`. Its
 stored on a background thread while the next group computes; each message is acked on the
 consumer's thread only once its image and sidecar (or its error record) are stored. A job that
 fails for good is recorded and acked; one whose storage stayed unreachable, or whose adapter root
-could not be reached, is requeued. With adapter affinity (`worker.fleet`), the consumer's timer
-also follows the fleet's plan: it consumes the shard queues the plan gives this worker.
+could not be reached, is requeued. On a Redis broker the consumer's timer also follows the fleet
+(`worker.fleet`): it consumes the shard queues the plan gives this worker and any it is handed a
+steal from; with affinity off, only shard queues left with jobs when no plan exists.
 """
 
 from __future__ import annotations
