@@ -13,6 +13,7 @@ from celery import Celery, Task
 from producer import defaults as d
 from producer.broker import CREDENTIALS_REFUSED, BrokerKind, broker_kind
 from producer.client import celery_config
+from worker.redis_transport import STUCK_AFTER_OPTION
 from worker.settings import WorkerSettings
 
 # Seconds a warm shutdown lets a running group finish before buffered jobs go back to the queue.
@@ -45,6 +46,7 @@ def make_app(settings: WorkerSettings) -> Celery:
         transport["unacked_restore_throttle"] = 1
         if settings.broker_url.startswith("redis://"):
             config["broker_transport"] = "worker.redis_transport:Transport"
+            transport[STUCK_AFTER_OPTION] = settings.stuck_after_s
     config.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

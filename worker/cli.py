@@ -35,6 +35,7 @@ from producer.settings import (
     ENV_MODEL,
     ENV_OUTPUT_ROOTS,
     ENV_OUTPUT_URI,
+    ENV_STUCK_AFTER,
     ENV_SUMMARY_INTERVAL,
     ENV_WINDOW,
 )
@@ -44,6 +45,7 @@ from worker.settings import (
     DEFAULT_MAX_CPU_LORAS,
     DEFAULT_MAX_LORAS,
     DEFAULT_MIX_ADAPTERS,
+    DEFAULT_STUCK_AFTER_S,
     DEFAULT_SUMMARY_INTERVAL_S,
     DEFAULT_WINDOW,
     WorkerSettings,
@@ -169,6 +171,15 @@ def register_worker(subparsers: argparse._SubParsersAction) -> None:
         f"(default: ${ENV_SUMMARY_INTERVAL} or {DEFAULT_SUMMARY_INTERVAL_S:g})",
     )
     worker.add_argument(
+        "--stuck-after",
+        type=int,
+        dest="stuck_after_s",
+        metavar="S",
+        help=f"seconds a consumer may do nothing before it is taken for hung: its job leases lapse and it "
+        f"leaves the fleet, so other workers take its jobs; 0 for never "
+        f"(default: ${ENV_STUCK_AFTER} or {DEFAULT_STUCK_AFTER_S})",
+    )
+    worker.add_argument(
         "--affinity",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -272,6 +283,7 @@ def worker_command(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         summary_interval_s=args.summary_interval_s,
         affinity=args.affinity,
+        stuck_after_s=args.stuck_after_s,
     )
     if not settings.allowed_outputs:
         raise UsageError(

@@ -40,6 +40,7 @@ from worker.attempts import AttemptCounter
 from worker.errors import AttemptsUnavailableError, PoisonJobError
 from worker.execute import Result, failure, generate_group, store_with_retry, take_group
 from worker.fleet import FleetMember, app_queues, follow, join_fleet
+from worker.leases import CONSUMER
 from worker.scheduler import Pending
 from worker.settings import WorkerSettings, build_engine
 
@@ -179,6 +180,7 @@ class GroupingConsumer:
     def tick(self, consumer: Any) -> None:
         """On the consumer's timer: settle finished uploads; run a group once arrivals pause;
         follow the fleet's plan."""
+        CONSUMER.beat()
         try:
             self.harvest()
             if self.window and time.monotonic() - self.last_arrival >= self.settings.idle_s:
@@ -234,6 +236,7 @@ class GroupingConsumer:
         return to_pending(admitted, payload=(request, admitted))
 
     def run_next(self) -> None:
+        CONSUMER.beat()  # a long group is work, not silence: it starts the count afresh
         group = take_group(self.engine, self.window, lambda pending: pending.payload[1], policy=self.policy)
         live = []
         for p in group:

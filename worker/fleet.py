@@ -56,6 +56,7 @@ from worker.affinity import (
     plan,
     shard_demand,
 )
+from worker.leases import CONSUMER
 from worker.redis_transport import priority_list_key, submitted_at
 from worker.settings import DEFAULT_WINDOW
 from worker.stealing import QueueState, steal_count, steal_target
@@ -172,12 +173,14 @@ class FleetMember:
         policy: AffinityPolicy,
         window: int = DEFAULT_WINDOW,
         joins: bool = True,
+        stuck_after_s: float = 0,
         min_replan_s: float = MIN_REPLAN_S,
     ) -> None:
         self.redis = client
         self.worker = worker
         self.policy = policy
         self.joins = joins
+        self.stuck_after_s = stuck_after_s
         self.window = window
         self.min_replan_s = min_replan_s
         self._suffixes = [priority_list_key("", p) for p in d.BROKER_PRIORITY_STEPS]
@@ -196,6 +199,7 @@ class FleetMember:
         self._settled = False  # the last plan changed no owner: an idle worker alone does not replan
         self._redis_down = False
         self._joined = False
+        self._silent = False  # the consumer was stuck at the last tick: no heartbeat sent
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="omni-fleet", daemon=True)
 
@@ -272,6 +276,13 @@ class FleetMember:
         if not self.joins:
             self._adopt_orphans()
             return
+        if CONSUMER.stuck(self.stuck_after_s):
+            # A hung consumer takes nothing from its shards: without its heartbeat, they move.
+            if not self._silent:
+                logger.error("fleet: the consumer is stuck; leaving the plan until it works again")
+            self._silent = True
+            return
+        self._silent = False
         with self._lock:
             held, holding, taken = list(self._ran), self._holding, dict(self._taken)
             self._taken.clear()
@@ -475,6 +486,7 @@ def join_fleet(settings: WorkerSettings, worker: str) -> FleetMember:
         policy=AffinityPolicy(held_adapters=settings.max_cpu_loras),
         window=settings.window,
         joins=settings.follows_fleet,
+        stuck_after_s=settings.stuck_after_s,
     )
     member.start()
     if member.joins:

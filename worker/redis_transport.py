@@ -129,13 +129,21 @@ def job_broker_priority(payload: dict[str, Any]) -> int | None:
     return broker_priority(priority, BrokerKind.REDIS)
 
 
+# The broker transport option that carries the worker's OMNI_STUCK_AFTER to its leases.
+STUCK_AFTER_OPTION = "omni_stuck_after"
+
+
 class QoS(kombu_redis.QoS):
     """kombu's reservations, recorded by the take itself, and leased while held."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        stuck_after_s = self.channel.connection.client.transport_options.get(STUCK_AFTER_OPTION, 0)
         self.leases = LeaseKeeper(
-            self.channel.lease_client, self.unacked_index_key, timeout_s=self.visibility_timeout
+            self.channel.lease_client,
+            self.unacked_index_key,
+            timeout_s=self.visibility_timeout,
+            stuck_after_s=stuck_after_s,
         )
 
     def append(self, message: Any, delivery_tag: str) -> None:

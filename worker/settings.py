@@ -26,6 +26,7 @@ from producer.settings import (
     ENV_METRICS_PORT,
     ENV_MIX_ADAPTERS,
     ENV_OUTPUT_ROOTS,
+    ENV_STUCK_AFTER,
     ENV_SUMMARY_INTERVAL,
     cache_dir,
     read_environment,
@@ -43,6 +44,9 @@ DEFAULT_MIX_ADAPTERS = DEFAULT_MAX_LORAS
 # renews the lease of every job it holds (worker.leases), however long the job waits, so this is
 # only how soon a dead worker's jobs come back; it must stay well above a renewal's worst delay.
 DEFAULT_VISIBILITY_TIMEOUT_S = 60
+# Far above any one pipeline call (minutes for a batch of a large model): a consumer silent this
+# long is stuck (a deadlock, a hung device or socket), not busy.
+DEFAULT_STUCK_AFTER_S = 1800
 # The worker runs a group once no new job has arrived for this long (or the window is full).
 DEFAULT_IDLE_S = 0.2
 # Storing a result: attempts when the storage is unreachable, and the first backoff (doubling).
@@ -80,6 +84,8 @@ class WorkerSettings:
     broker_url: str = DEFAULT_BROKER_URL
     result_backend: str | None = None
     visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
+    # A consumer silent this long is taken for hung: its leases lapse, it leaves the fleet (0: never).
+    stuck_after_s: int = DEFAULT_STUCK_AFTER_S
     idle_s: float = DEFAULT_IDLE_S
     store_attempts: int = DEFAULT_STORE_ATTEMPTS
     store_backoff_s: float = DEFAULT_STORE_BACKOFF_S
@@ -104,6 +110,11 @@ class WorkerSettings:
             raise SettingsError(
                 f"the metrics port (${ENV_METRICS_PORT}, --metrics-port) must be 0 (off) to {_MAX_PORT}, "
                 f"got {self.metrics_port}"
+            )
+        if self.stuck_after_s < 0:
+            raise SettingsError(
+                f"the hung-consumer limit (${ENV_STUCK_AFTER}, --stuck-after) must be 0 (never) or a number "
+                f"of seconds, got {self.stuck_after_s}"
             )
         if not 0 <= self.summary_interval_s < float("inf"):
             raise SettingsError(
@@ -165,6 +176,7 @@ class WorkerSettings:
             "broker_url": env.broker_url,
             "result_backend": env.result_backend,
             "visibility_timeout_s": env.visibility_timeout_s,
+            "stuck_after_s": env.stuck_after_s,
             "max_attempts": env.max_attempts,
             "max_batch": env.max_batch,
             "mix_adapters": env.mix_adapters,

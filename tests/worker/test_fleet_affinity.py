@@ -19,7 +19,8 @@ from producer.routing import adapter_shard, shard_queue
 from producer.schema import validate_job
 from producer.storage import open_storage
 from worker.affinity import AffinityPolicy, lower_bound
-from worker.fleet import LOCK_KEY, RATES_KEY, FleetMember, FleetPlan
+from worker.fleet import LOCK_KEY, RATES_KEY, WORKERS_KEY, FleetMember, FleetPlan
+from worker.leases import CONSUMER
 
 
 def _jobs(dataset: str, adapters: list[str], per_adapter: list[int], *, wave: int = 0) -> list:
@@ -30,13 +31,16 @@ def _jobs(dataset: str, adapters: list[str], per_adapter: list[int], *, wave: in
     ]
 
 
-def _member(redis_url: str, worker: str, *, window: int = 64, **policy: float) -> FleetMember:
+def _member(
+    redis_url: str, worker: str, *, window: int = 64, stuck_after_s: float = 0, **policy: float
+) -> FleetMember:
     """A member whose tick the test calls (no thread), planning whenever there is news."""
     return FleetMember(
         redis.Redis.from_url(redis_url),
         worker,
         policy=AffinityPolicy(**policy),
         window=window,
+        stuck_after_s=stuck_after_s,
         min_replan_s=0.0,
     )
 
@@ -157,6 +161,21 @@ def test_a_backlog_its_owner_has_room_for_is_stolen_only_once_it_has_waited(redi
         return stolen in two.queues
 
     wait_for(stolen_once_old, "the idle worker to steal the jobs the owner left for a second")
+
+
+def test_a_member_whose_consumer_is_stuck_stops_beating_so_its_shards_move(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    member = _member(redis_url, "hung@test", stuck_after_s=0.05)
+    CONSUMER.beat()
+    member.tick()
+    assert client.zscore(WORKERS_KEY, "hung@test") is not None
+    client.delete(WORKERS_KEY)
+    wait_for(lambda: CONSUMER.stuck(0.05), "this process's consumer to be silent past the limit")
+    member.tick()
+    assert client.zscore(WORKERS_KEY, "hung@test") is None, "no heartbeat: the next plans leave it out"
+    CONSUMER.beat()
+    member.tick()
+    assert client.zscore(WORKERS_KEY, "hung@test") is not None, "back once it works again"
 
 
 def test_without_a_coordinator_the_plan_expires_and_jobs_go_to_omni_again(redis_url):

@@ -14,13 +14,14 @@ from contextlib import contextmanager
 import pytest
 from celery import Celery
 from fixtures.redis_server import queued_messages, reserved_restorer
+from fixtures.worker_process import wait_for
 from kombu import Connection, Consumer, Queue
 
 from producer import defaults as d
 from producer.broker import BrokerKind, broker_priority
 from producer.client import Client, celery_config
 from producer.schema import validate_job
-from worker.leases import LeaseKeeper
+from worker.leases import LeaseKeeper, Liveness
 from worker.redis_transport import Transport, priority_list_key
 
 TRANSPORT = f"{Transport.__module__}:{Transport.__name__}"
@@ -145,3 +146,22 @@ def test_leases_renew_only_what_is_held_and_never_bring_back_what_is_gone(index)
     assert b"restored" not in scores, "a message no longer reserved is not reserved again"
     leases.stop()
     assert leases.renew(index) == 0
+
+
+def test_a_stuck_consumer_s_leases_lapse_and_resume_when_it_works_again(index, caplog):
+    consumer = Liveness()
+    leases = LeaseKeeper(lambda: index, "unacked_index", timeout_s=60, stuck_after_s=0.05, liveness=consumer)
+    leases.hold("held")
+    consumer.beat()
+    assert leases.renew(index) == 1, "a consumer that just beat keeps its leases"
+    index.zadd("unacked_index", {"held": 1.0})
+
+    wait_for(lambda: consumer.stuck(0.05), "the consumer to be silent past the limit")
+    assert leases.renew(index) == 0
+    assert dict(index.zrange("unacked_index", 0, -1, withscores=True))[b"held"] == 1.0, "left to lapse"
+    assert "no longer renewed" in caplog.text, "the operator is told why the jobs go elsewhere"
+
+    consumer.beat()
+    assert leases.renew(index) == 1, "a consumer that works again renews them"
+    assert dict(index.zrange("unacked_index", 0, -1, withscores=True))[b"held"] > 1.0
+    assert not Liveness().stuck(0), "0: never stuck"
