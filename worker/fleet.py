@@ -57,7 +57,7 @@ from worker.affinity import (
     shard_demand,
 )
 from worker.leases import CONSUMER
-from worker.redis_transport import priority_list_key, submitted_at
+from worker.redis_transport import oldest_waits, priority_list_key
 from worker.settings import DEFAULT_WINDOW
 from worker.stealing import QueueState, steal_count, steal_target
 
@@ -404,7 +404,8 @@ class FleetMember:
             return {}
         owners = {s: busy.owners.get(s, ()) for s in backlog}
         room = {s: sum(heard.get(w, {}).get("room", 0) for w in ws) for s, ws in owners.items()}
-        ages = self._head_ages([s for s, n in backlog.items() if n <= room[s]])  # where age decides
+        # Age decides only where the owners have room for the whole backlog.
+        ages = oldest_waits(self.redis, {s: shard_queue(s) for s, n in backlog.items() if n <= room[s]})
         shard_of = {shard_queue(s): s for s in backlog}
         states = {
             shard_queue(s): QueueState(
@@ -425,22 +426,6 @@ class FleetMember:
             steals[thief] = {shard_of[target.name]: count}
             states[target.name] = replace(target, backlog=target.backlog - count, owners=target.owners + 1)
         return steals
-
-    def _head_ages(self, shards: list[int]) -> dict[int, float]:
-        """How long each shard queue's oldest job has waited, from its submission header."""
-        if not shards:
-            return {}
-        keys = [(shard, shard_queue(shard) + suffix) for shard in shards for suffix in self._suffixes]
-        with self.redis.pipeline(transaction=False) as pipe:
-            for _, key in keys:
-                pipe.lindex(key, -1)
-            heads = pipe.execute()
-        now, ages = time.time(), {}
-        for (shard, _), item in zip(keys, heads, strict=True):
-            sent = submitted_at(item)
-            if sent is not None:
-                ages[shard] = max(ages.get(shard, 0.0), now - sent)
-        return ages
 
     def _read_backlog(self) -> dict[int, int]:
         reply = self._scripts["backlog"](args=[d.SHARD_QUEUE_PREFIX, self.policy.shards, *self._suffixes])

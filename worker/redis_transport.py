@@ -31,8 +31,9 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections.abc import Mapping
 from time import monotonic, time
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from kombu.transport import redis as kombu_redis
@@ -41,7 +42,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from producer.broker import BrokerKind, broker_priority
-from producer.defaults import DEFAULT_PRIORITY, MAX_PRIORITY, SUBMITTED_AT_HEADER
+from producer.defaults import BROKER_PRIORITY_STEPS, DEFAULT_PRIORITY, MAX_PRIORITY, SUBMITTED_AT_HEADER
 from worker.affinity import AffinityPolicy
 from worker.leases import LeaseKeeper
 from worker.stealing import take_order
@@ -57,6 +58,7 @@ MAX_TAKE_ROUNDS = 8
 # How often a worker with several queues reads how long each queue's oldest job has waited.
 HEAD_AGES_S = 1.0
 _TAKE_POLICY = AffinityPolicy()
+K = TypeVar("K")
 
 # KEYS: unacked, unacked_index, then the lists in the order they are served.
 # ARGV: now, the most messages to take, then for each list (ARGV[i] goes with KEYS[i]) '1' to
@@ -109,6 +111,28 @@ def submitted_at(item: bytes | str | None) -> float | None:
     except (KeyError, TypeError, ValueError):
         return None
     return sent if isinstance(sent, float) else None
+
+
+def oldest_waits(client: redis.Redis, queues: Mapping[K, str]) -> dict[K, float]:
+    """How long each queue's oldest job has waited (its submission header), in one round trip.
+
+    A queue's lists are read at every broker priority; queues whose jobs carry no header are left out.
+    """
+    keys = [
+        (name, priority_list_key(queue, p)) for name, queue in queues.items() for p in BROKER_PRIORITY_STEPS
+    ]
+    if not keys:
+        return {}
+    with client.pipeline(transaction=False) as pipe:
+        for _, key in keys:
+            pipe.lindex(key, -1)
+        heads = pipe.execute()
+    now, ages = time(), {}
+    for (name, _), item in zip(keys, heads, strict=True):
+        sent = submitted_at(item)
+        if sent is not None:
+            ages[name] = max(ages.get(name, 0.0), now - sent)
+    return ages
 
 
 def job_broker_priority(payload: dict[str, Any]) -> int | None:
@@ -254,21 +278,12 @@ class Channel(kombu_redis.Channel):
         return len(messages)
 
     def _waited(self, queues: list[str]) -> dict[str, float]:
-        """How long each queue's oldest job has waited (from its submission header), read once a second."""
-        if monotonic() < self._head_ages_due:
-            return self._head_ages
-        keys = [(self._q_for_pri(queue, pri), queue) for queue in queues for pri in self.priority_steps]
-        with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
-            for key, _ in keys:
-                pipe.lindex(key, -1)
-            heads = pipe.execute()
-        now, ages = time(), {}
-        for (_, queue), item in zip(keys, heads, strict=True):
-            submitted = submitted_at(item)
-            if submitted is not None:
-                ages[queue] = max(ages.get(queue, 0.0), now - submitted)
-        self._head_ages, self._head_ages_due = ages, monotonic() + HEAD_AGES_S
-        return ages
+        """How long each queue's oldest job has waited, read at most once a second."""
+        if monotonic() >= self._head_ages_due:
+            with self.conn_or_acquire() as client:
+                self._head_ages = oldest_waits(client, {queue: queue for queue in queues})
+            self._head_ages_due = monotonic() + HEAD_AGES_S
+        return self._head_ages
 
     def _deliver_taken(self, key: str, item: str, payload: dict[str, Any] | None, tag: str | None) -> None:
         """Hand one message to its consumer; `tag` is None unless the take recorded it as reserved."""
