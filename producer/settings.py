@@ -53,6 +53,7 @@ ENV_ADAPTER_CACHE_DIR = "OMNI_ADAPTER_CACHE_DIR"
 ENV_ADAPTER_CACHE_BYTES = "OMNI_ADAPTER_CACHE_BYTES"
 ENV_AFFINITY = "OMNI_AFFINITY"
 ENV_STUCK_AFTER = "OMNI_STUCK_AFTER"
+ENV_BROKER_HEARTBEAT = "OMNI_BROKER_HEARTBEAT"
 # A URI scheme inside an os.pathsep-separated list: `s3://b/p` splits at its own ':' on POSIX.
 _SCHEME_WORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 
@@ -71,6 +72,7 @@ class Environment:
     max_cpu_loras: int | None = None
     visibility_timeout_s: int | None = None
     stuck_after_s: int | None = None
+    broker_heartbeat_s: int | None = None
     window: int | None = None
     max_attempts: int | None = None
     max_batch: int | None = None
@@ -154,6 +156,7 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         max_cpu_loras=integer(ENV_MAX_CPU_LORAS),
         visibility_timeout_s=integer(ENV_VISIBILITY_TIMEOUT),
         stuck_after_s=integer(ENV_STUCK_AFTER),
+        broker_heartbeat_s=integer(ENV_BROKER_HEARTBEAT),
         window=integer(ENV_WINDOW),
         max_attempts=integer(ENV_MAX_ATTEMPTS),
         max_batch=integer(ENV_MAX_BATCH),

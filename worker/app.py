@@ -47,6 +47,8 @@ def make_app(settings: WorkerSettings) -> Celery:
         if settings.broker_url.startswith("redis://"):
             config["broker_transport"] = "worker.redis_transport:Transport"
             transport[STUCK_AFTER_OPTION] = settings.stuck_after_s
+    else:
+        config["broker_heartbeat"] = settings.broker_heartbeat_s
     config.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

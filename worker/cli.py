@@ -23,6 +23,7 @@ from producer.settings import (
     ENV_ADAPTER_CACHE_DIR,
     ENV_ADAPTER_ROOTS,
     ENV_AFFINITY,
+    ENV_BROKER_HEARTBEAT,
     ENV_BROKER_URL,
     ENV_CACHE_DIR,
     ENV_COMPILE,
@@ -42,6 +43,7 @@ from producer.settings import (
 from worker.scheduler import DEFAULT_MAX_BATCH
 from worker.settings import (
     DEFAULT_ADAPTER_CACHE_BYTES,
+    DEFAULT_BROKER_HEARTBEAT_S,
     DEFAULT_MAX_CPU_LORAS,
     DEFAULT_MAX_LORAS,
     DEFAULT_MIX_ADAPTERS,
@@ -180,6 +182,15 @@ def register_worker(subparsers: argparse._SubParsersAction) -> None:
         f"(default: ${ENV_STUCK_AFTER} or {DEFAULT_STUCK_AFTER_S})",
     )
     worker.add_argument(
+        "--broker-heartbeat",
+        type=int,
+        dest="broker_heartbeat_s",
+        metavar="S",
+        help=f"RabbitMQ: the AMQP heartbeat timeout in seconds; RabbitMQ returns the jobs of a worker whose "
+        f"host vanished after about this long (heartbeats go on while a group runs); 0 for none "
+        f"(default: ${ENV_BROKER_HEARTBEAT} or {DEFAULT_BROKER_HEARTBEAT_S})",
+    )
+    worker.add_argument(
         "--affinity",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -284,6 +295,7 @@ def worker_command(args: argparse.Namespace) -> int:
         summary_interval_s=args.summary_interval_s,
         affinity=args.affinity,
         stuck_after_s=args.stuck_after_s,
+        broker_heartbeat_s=args.broker_heartbeat_s,
     )
     if not settings.allowed_outputs:
         raise UsageError(

@@ -40,6 +40,7 @@ from worker.attempts import AttemptCounter
 from worker.errors import AttemptsUnavailableError, PoisonJobError
 from worker.execute import Result, failure, generate_group, store_with_retry, take_group
 from worker.fleet import FleetMember, app_queues, follow, join_fleet
+from worker.keepalive import Keepalive
 from worker.leases import CONSUMER
 from worker.scheduler import Pending
 from worker.settings import WorkerSettings, build_engine
@@ -55,17 +56,20 @@ def grouping_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):
     """Celery's hook (`Task.Strategy`): called at every (re)connection; the engine loads once."""
     grouping = getattr(app, "omni_consumer", None)
     if grouping is None:
-        grouping = app.omni_consumer = GroupingConsumer(app.omni_settings, app)
+        grouping = app.omni_consumer = GroupingConsumer(app.omni_settings, app, consumer)
     return grouping.attach(task, consumer)
 
 
 class GroupingConsumer:
     """Holds the window of reserved jobs, runs the groups the scheduler picks, acks what is stored."""
 
-    def __init__(self, settings: WorkerSettings, app: Any) -> None:
+    def __init__(self, settings: WorkerSettings, app: Any, consumer: Any = None) -> None:
         self.settings = settings
         self.app = app
-        self.engine = build_engine(settings)
+        self.keepalive = Keepalive()
+        self.keepalive.use(*_connections(consumer))
+        with self.keepalive.busy():  # a large model's load holds the consumer's thread a while
+            self.engine = build_engine(settings)
         self.admission = Admission(settings)
         self.attempts = AttemptCounter(settings.broker_url, settings.result_backend)
         self.policy = settings.policy
@@ -94,6 +98,7 @@ class GroupingConsumer:
         # Messages of the old connection can no longer be acked; Redis redelivers them, and those
         # stored meanwhile are skipped then, as done.
         self.connection_epoch += 1
+        self.keepalive.use(*_connections(consumer))
         for pending in self.window:
             task_ready(pending.payload[0])
         self.window.clear()
@@ -212,9 +217,10 @@ class GroupingConsumer:
             return None
         submitted_at = request.message.headers.get(SUBMITTED_AT_HEADER)
         try:
-            admitted = self.admission.admit(
-                job, storage, submitted_at=submitted_at if isinstance(submitted_at, float) else None
-            )
+            with self.keepalive.busy():  # an adapter may be fetched from object storage
+                admitted = self.admission.admit(
+                    job, storage, submitted_at=submitted_at if isinstance(submitted_at, float) else None
+                )
         except StorageUnavailableError as e:  # an adapter root out of reach: not the job's fault
             logger.error("job %s: adapter storage unreachable, back to the queue: %s", request.id, e)
             metrics.JOBS_REQUEUED.labels(type(e).__name__).inc()
@@ -287,7 +293,8 @@ class GroupingConsumer:
             "running %d job(s) for %s; %d left in the window", len(items), batch[0].adapter, len(self.window)
         )
         try:
-            results = generate_group(self.engine, items)
+            with self.keepalive.busy():
+                results = generate_group(self.engine, items)
         except Exception as e:  # not the job's own error: record it and keep serving
             logger.exception("omni-batch worker: a group of %d job(s) failed", len(items))
             results = [failure(item, e) for item in items]
@@ -309,7 +316,8 @@ class GroupingConsumer:
         """Wait until every outcome in flight is stored and acked. Around a job that may kill the
         worker: else a job whose outcome was still being stored would be counted as crashed with
         it, and failed as poison once that count reached the bound."""
-        wait([future for future, _, _ in self.uploads])
+        with self.keepalive.busy():  # stores waiting out an unreachable storage take a while
+            wait([future for future, _, _ in self.uploads])
         self.harvest()
 
     def harvest(self) -> None:
@@ -385,6 +393,13 @@ class GroupingConsumer:
             except StorageError as e:
                 logger.error("job %s: could not write its error record: %s", request.id, e)
         self._fail(request, error)
+
+
+def _connections(consumer: Any) -> tuple[Any, ...]:
+    """A Celery consumer's broker connections: its own, and its task events' when it sends them."""
+    if consumer is None:
+        return ()
+    return (consumer.connection, getattr(consumer.event_dispatcher, "connection", None))
 
 
 def _put_back(deliveries: list[Any]) -> None:

@@ -21,6 +21,7 @@ from producer.output_uri import parse_output_uri
 from producer.settings import (
     ENV_ADAPTER_CACHE_BYTES,
     ENV_ADAPTER_ROOTS,
+    ENV_BROKER_HEARTBEAT,
     ENV_COMPILE,
     ENV_FUSE,
     ENV_METRICS_PORT,
@@ -47,6 +48,10 @@ DEFAULT_VISIBILITY_TIMEOUT_S = 60
 # Far above any one pipeline call (minutes for a batch of a large model): a consumer silent this
 # long is stuck (a deadlock, a hung device or socket), not busy.
 DEFAULT_STUCK_AFTER_S = 1800
+# RabbitMQ: the AMQP heartbeat timeout. A worker whose host vanished without closing its
+# connection is taken for dead, and its jobs returned, after about this long; a live worker's
+# heartbeats go on while a group runs (worker.keepalive).
+DEFAULT_BROKER_HEARTBEAT_S = 60
 # The worker runs a group once no new job has arrived for this long (or the window is full).
 DEFAULT_IDLE_S = 0.2
 # Storing a result: attempts when the storage is unreachable, and the first backoff (doubling).
@@ -86,6 +91,7 @@ class WorkerSettings:
     visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
     # A consumer silent this long is taken for hung: its leases lapse, it leaves the fleet (0: never).
     stuck_after_s: int = DEFAULT_STUCK_AFTER_S
+    broker_heartbeat_s: int = DEFAULT_BROKER_HEARTBEAT_S  # RabbitMQ only; 0: none
     idle_s: float = DEFAULT_IDLE_S
     store_attempts: int = DEFAULT_STORE_ATTEMPTS
     store_backoff_s: float = DEFAULT_STORE_BACKOFF_S
@@ -115,6 +121,11 @@ class WorkerSettings:
             raise SettingsError(
                 f"the hung-consumer limit (${ENV_STUCK_AFTER}, --stuck-after) must be 0 (never) or a number "
                 f"of seconds, got {self.stuck_after_s}"
+            )
+        if self.broker_heartbeat_s < 0:
+            raise SettingsError(
+                f"the broker heartbeat (${ENV_BROKER_HEARTBEAT}, --broker-heartbeat) must be 0 (none) or a "
+                f"number of seconds, got {self.broker_heartbeat_s}"
             )
         if not 0 <= self.summary_interval_s < float("inf"):
             raise SettingsError(
@@ -177,6 +188,7 @@ class WorkerSettings:
             "result_backend": env.result_backend,
             "visibility_timeout_s": env.visibility_timeout_s,
             "stuck_after_s": env.stuck_after_s,
+            "broker_heartbeat_s": env.broker_heartbeat_s,
             "max_attempts": env.max_attempts,
             "max_batch": env.max_batch,
             "mix_adapters": env.mix_adapters,

@@ -29,6 +29,7 @@ def test_every_variable_is_read_and_typed() -> None:
             settings.ENV_WINDOW: "8",
             settings.ENV_CACHE_DIR: "/cache",
             settings.ENV_COMPILE: "inductor",
+            settings.ENV_BROKER_HEARTBEAT: "30",
         }
     )
     assert env.broker_url == "redis://h:1/0"
@@ -37,6 +38,7 @@ def test_every_variable_is_read_and_typed() -> None:
     assert (env.max_loras, env.window, env.max_batch) == (2, 8, None)
     assert env.cache_dir == "/cache"
     assert env.compile == "inductor"
+    assert env.broker_heartbeat_s == 30
 
 
 def test_a_malformed_number_names_the_variable_and_is_bad_usage() -> None:

@@ -253,6 +253,31 @@ def test_rabbitmq_returns_a_killed_workers_jobs_at_once(broker, s3_bucket, six_a
     _wait_all_five_queued(broker)
 
 
+HEARTBEAT_S = 1
+
+
+@pytest.mark.parametrize("broker", ["amqp"], indirect=True)
+def test_a_call_longer_than_the_heartbeat_timeout_keeps_the_rabbitmq_connection(
+    broker, s3_bucket, six_adapters, start_worker
+):
+    # Time compressed: a 1 s heartbeat timeout (60 s shipped) against one call of many steps
+    # (seconds on any machine here), the size of a large model's batch against the shipped one.
+    # Four light jobs wait in the window meanwhile: a closed connection would requeue them.
+    heavy = validate_job({"prompt": "long", "dataset": "heartbeat", "steps": 150, "width": 64, "height": 64})
+    jobs = [heavy, *_jobs("heartbeat", 4)]
+    with Client(broker.url) as client:
+        client.submit_many(jobs)
+    flags = (*ONE_PER_CALL, "--broker-heartbeat", str(HEARTBEAT_S))
+    worker = start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri, *flags))
+    storage = open_storage(s3_bucket.uri)
+    wait_settled(storage, "heartbeat", (j.job_id for j in jobs), worker=worker, broker_url=broker.url)
+    call_s = float(re.search(r"group adapter=- jobs=1 source=- seconds=([0-9.]+)", worker.log)[1])
+    assert call_s > 3 * HEARTBEAT_S, "the call outlasted the heartbeat timeout, or this test proves nothing"
+    assert "Connection to broker lost" not in worker.log, worker.log[-4000:]
+    images = [k for k in storage.list_keys("heartbeat/") if k.endswith(layout.IMAGE_SUFFIX)]
+    assert len(images) == len(jobs)
+
+
 def test_broker_restart_with_persistence_keeps_queued_jobs_and_workers_reconnect(
     restartable_broker, s3_bucket, six_adapters, start_worker, short_visibility, tmp_path
 ):

@@ -53,3 +53,9 @@ def test_a_worker_with_nowhere_to_write_or_a_bad_root_does_not_start(redis_url, 
     env[ENV_OUTPUT_ROOTS] = "s3://Not_A_Bucket/x"
     code, output = run_worker("--broker", redis_url, "--out", str(tmp_path / "out"), env=env)
     assert code == EXIT_USAGE and ENV_OUTPUT_ROOTS in output and "Not_A_Bucket" in output, output[-3000:]
+
+
+def test_a_negative_broker_heartbeat_is_bad_usage_naming_the_flag_and_variable(tmp_path):
+    code, output = run_worker("--broker-heartbeat", "-5", "--out", str(tmp_path / "out"))
+    assert code == EXIT_USAGE, output[-3000:]
+    assert "--broker-heartbeat" in output and "OMNI_BROKER_HEARTBEAT" in output and "-5" in output

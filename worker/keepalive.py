@@ -1,0 +1,82 @@
+"""AMQP heartbeats while the consumer's thread is busy.
+
+Celery sends and checks RabbitMQ's heartbeats from the consumer's event loop, on two connections
+(the consumer's and the task events'), and a group runs on that thread. A call longer than the
+heartbeat timeout (a large model's batch, a model load) made RabbitMQ close a connection, and
+Celery then reconnected and RabbitMQ requeued every job the worker held, for other workers to run
+again. While the thread is busy with work that does not touch those connections, a side thread
+sends the heartbeats instead. The two never write at once: the side thread sends only inside
+`busy()`, under a lock that `busy()` takes again before it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from time import monotonic
+from typing import Any
+
+logger = logging.getLogger("omni.worker")
+
+# Heartbeats sent per heartbeat timeout while busy (RabbitMQ closes a connection after about two
+# intervals of timeout / 2 with nothing received).
+BEATS_PER_TIMEOUT = 4
+
+
+class Keepalive:
+    """Keeps a worker's AMQP connections alive while it is busy; does nothing on Redis."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._connections: tuple[Any, ...] = ()  # kombu Connections that speak heartbeats
+        self._beating: list[Any] = []  # their py-amqp connections, while busy
+        self._idle = True
+        self._thread: threading.Thread | None = None
+
+    def use(self, *connections: Any) -> None:
+        """The kombu Connections to keep alive from now on (None and Redis's are left out)."""
+        with self._lock:
+            self._connections = tuple(c for c in connections if c is not None and c.supports_heartbeats)
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """Around work that keeps the consumer's thread away from its connections."""
+        with self._lock:
+            # Only connections already open: reading `.connection` of a closed one would open it.
+            opened = [c.connection for c in self._connections if c.connected]
+            self._beating = [amqp for amqp in opened if amqp.heartbeat]
+            if self._beating:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="omni-keepalive", daemon=True)
+                    self._thread.start()
+                elif self._idle:
+                    self._wake.notify()
+        started = monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                beating, self._beating = self._beating, []
+                for amqp in beating:
+                    if monotonic() - started > amqp.heartbeat / BEATS_PER_TIMEOUT:
+                        # Nothing was read meanwhile: py-amqp's own check would take the server's
+                        # heartbeats, waiting unread, for missed ones. It starts counting afresh.
+                        amqp.prev_recv = None
+
+    def _run(self) -> None:
+        with self._lock:
+            while True:
+                if not self._beating:
+                    self._idle = True
+                    self._wake.wait()
+                    self._idle = False
+                    continue
+                self._wake.wait(min(amqp.heartbeat for amqp in self._beating) / BEATS_PER_TIMEOUT)
+                for amqp in self._beating:
+                    try:
+                        amqp.send_heartbeat()
+                    except Exception as e:  # the event loop finds the broken connection when it is back
+                        logger.debug("keepalive: could not send a heartbeat: %s", e)
