@@ -74,6 +74,23 @@ PRESETS: dict[str, PresetSpec] = {
         default_steps=2,
         default_guidance=5.0,
     ),
+    # For GPU benchmarks: SD3 Medium's transformer (24 blocks of width 1536, ~2B parameters) at 512x512
+    # in 20 steps, with small text encoders and VAE, so a call costs what a real one costs in the
+    # part LoRA touches.
+    "medium-sd3": PresetSpec(
+        name="medium-sd3",
+        num_layers=24,
+        num_attention_heads=24,
+        attention_head_dim=64,
+        joint_attention_dim=256,
+        text_hidden_size=64,
+        text_layers=2,
+        vae_channels=(16, 32, 64, 64),
+        patch_size=2,
+        default_size=512,
+        default_steps=20,
+        default_guidance=5.0,
+    ),
     # The same scale as tiny-sd3 for the other two families LoRAs are made for.
     "tiny-sdxl": PresetSpec(
         name="tiny-sdxl",

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The GPU check, as one command on a lent GPU machine (docs/performance.md, "On a GPU").
+#
+# Here first: `python bench/gpu_kit.py` (the wheels that machine lacks, into .whl/). Then the
+# device tool runs `bash bench/gpu_run.sh` with .whl carried; the tables land in $OUT.
+# Each benchmark runs under its own time limit, so one that overruns still leaves the others'.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/omni-gpu}
+mkdir -p "$out"
+bash .whl/install.sh || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMNI_CACHE_DIR=/tmp/omni-cache
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+# The issue's workload on the benchmark model, then on a model of SD3 Medium's size.
+timeout "${TAX_SMALL_S:-120}" python3 bench/tax.py --models small-sd3 2>&1 | tee "$out/tax-small.txt"
+timeout "${TAX_MEDIUM_S:-330}" python3 bench/tax.py --models medium-sd3 2>&1 | tee "$out/tax-medium.txt"
