@@ -222,11 +222,11 @@ def test_a_stuck_consumer_s_held_jobs_go_back_to_the_queue_and_finish_elsewhere(
     assert len(images) == len(light), "the light jobs done once each; the long one waits on its queue"
 
 
-def _worker_holding_five(broker, dataset, s3_bucket, six_adapters, start_worker):
+def _worker_holding_five(broker, dataset, s3_bucket, six_adapters, start_worker, *flags: str):
     """A worker holding 5 jobs reserved and buffered; never idle long enough to start a group."""
     with Client(broker.url) as client:
         client.submit_many(_jobs(dataset, 5))
-    worker = start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri, "--idle", "3600"))
+    worker = start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri, "--idle", "3600", *flags))
     wait_for_counts(broker, lambda ready, unacked: (ready, unacked) == (0, 5), "all 5 reserved", timeout=120)
     return worker
 
@@ -251,6 +251,21 @@ def test_rabbitmq_returns_a_killed_workers_jobs_at_once(broker, s3_bucket, six_a
     worker.stop(signal.SIGKILL)
     # No visibility timeout: the closed connection alone puts them back.
     _wait_all_five_queued(broker)
+
+
+@pytest.mark.parametrize("broker", ["amqp"], indirect=True)
+def test_rabbitmq_returns_a_frozen_workers_jobs_after_the_heartbeat_timeout(
+    broker, s3_bucket, six_adapters, start_worker
+):
+    # A host that vanishes without closing its sockets (a preempted VM) looks like this to RabbitMQ:
+    # a connection that stays open and says nothing. Time compressed: a 2 s heartbeat timeout.
+    flags = ("--broker-heartbeat", "2")
+    worker = _worker_holding_five(broker, "vanished", s3_bucket, six_adapters, start_worker, *flags)
+    worker.proc.send_signal(signal.SIGSTOP)
+    try:
+        _wait_all_five_queued(broker)
+    finally:
+        worker.proc.send_signal(signal.SIGCONT)
 
 
 HEARTBEAT_S = 1
