@@ -5,8 +5,9 @@ Celery sends and checks RabbitMQ's heartbeats from the consumer's event loop, on
 heartbeat timeout (a large model's batch, a model load) made RabbitMQ close a connection, and
 Celery then reconnected and RabbitMQ requeued every job the worker held, for other workers to run
 again. While the thread is busy with work that does not touch those connections, a side thread
-sends the heartbeats instead. The two never write at once: the side thread sends only inside
-`busy()`, under a lock that `busy()` takes again before it returns.
+sends the heartbeats instead: only inside `busy()`, under a lock that `busy()` takes again before
+it returns. (Celery's shutdown signal handlers may write meanwhile; py-amqp serialises frame
+writes.)
 """
 
 from __future__ import annotations
@@ -54,16 +55,16 @@ class Keepalive:
                     self._thread.start()
                 elif self._idle:
                     self._wake.notify()
-        started = monotonic()
         try:
             yield
         finally:
             with self._lock:
                 beating, self._beating = self._beating, []
                 for amqp in beating:
-                    if monotonic() - started > amqp.heartbeat / BEATS_PER_TIMEOUT:
-                        # Nothing was read meanwhile: py-amqp's own check would take the server's
-                        # heartbeats, waiting unread, for missed ones. It starts counting afresh.
+                    # Nothing was read while busy (nor between busy spells run back to back): py-amqp's
+                    # own check, due before the next read, would take the server's heartbeats waiting
+                    # unread for missed ones. Once it is late, it starts counting afresh.
+                    if monotonic() - amqp.last_heartbeat_received > amqp.heartbeat:
                         amqp.prev_recv = None
 
     def _run(self) -> None:

@@ -48,9 +48,10 @@ DEFAULT_VISIBILITY_TIMEOUT_S = 60
 # Far above any one pipeline call (minutes for a batch of a large model): a consumer silent this
 # long is stuck (a deadlock, a hung device or socket), not busy.
 DEFAULT_STUCK_AFTER_S = 1800
-# RabbitMQ: the AMQP heartbeat timeout. A worker whose host vanished without closing its
-# connection is taken for dead, and its jobs returned, after about this long; a live worker's
-# heartbeats go on while a group runs (worker.keepalive).
+# RabbitMQ: the AMQP heartbeat timeout the worker asks for (the server's own, 60 s by default,
+# caps it). A worker whose host vanished without closing its connection is taken for dead, and
+# its jobs returned, after about this long; a live worker's heartbeats go on while a group runs
+# (worker.keepalive).
 DEFAULT_BROKER_HEARTBEAT_S = 60
 # The worker runs a group once no new job has arrived for this long (or the window is full).
 DEFAULT_IDLE_S = 0.2
