@@ -24,7 +24,7 @@ import pytest
 from fixtures.brokers import wait_for_counts
 from fixtures.embedded import assert_same_images_as_embedded
 from fixtures.redis_server import free_port, queued_messages, reserved_restorer
-from fixtures.worker_process import ADAPTERS, wait_for, wait_settled, worker_flags
+from fixtures.worker_process import ADAPTERS, DONE_TIMEOUT_S, wait_for, wait_settled, worker_flags
 from moto.server import ThreadedMotoServer
 
 from producer import defaults as d
@@ -284,16 +284,21 @@ def test_a_call_longer_than_the_heartbeat_timeout_keeps_the_rabbitmq_connection(
     broker, s3_bucket, six_adapters, start_worker
 ):
     # Time compressed: a 1 s heartbeat timeout (60 s shipped) against one call of many steps
-    # (seconds on any machine here), the size of a large model's batch against the shipped one.
-    # Four light jobs wait in the window meanwhile: a closed connection would requeue them.
-    heavy = validate_job({"prompt": "long", "dataset": "heartbeat", "steps": 150, "width": 64, "height": 64})
+    # (seconds on an idle machine here, a minute beside two CPU hogs), the size of a large model's
+    # batch against the shipped one. Four light jobs wait in the window meanwhile: a closed
+    # connection would requeue them.
+    heavy = validate_job({"prompt": "long", "dataset": "heartbeat", "steps": 60, "width": 64, "height": 64})
     jobs = [heavy, *_jobs("heartbeat", 4)]
     with Client(broker.url) as client:
         client.submit_many(jobs)
     flags = (*ONE_PER_CALL, "--broker-heartbeat", str(HEARTBEAT_S))
     worker = start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri, *flags))
     storage = open_storage(s3_bucket.uri)
-    wait_settled(storage, "heartbeat", (j.job_id for j in jobs), worker=worker, broker_url=broker.url)
+    # Beside more than two hogs the call alone has taken over the usual 300 s: allow it twice that.
+    job_ids = [j.job_id for j in jobs]
+    wait_settled(
+        storage, "heartbeat", job_ids, worker=worker, broker_url=broker.url, timeout=2 * DONE_TIMEOUT_S
+    )
     call = re.search(
         rf"^\[{LOG_TIME}: INFO/MainProcess\] group adapter=- jobs=1 source=- seconds=([0-9.]+)",
         worker.log,
