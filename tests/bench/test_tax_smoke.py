@@ -1,4 +1,4 @@
-"""bench/tax.py end to end on the tiny model: its table, and its check that the loop applies the LoRA."""
+"""bench/tax.py end to end on the tiny model: its table, and its check that diffusers applies the LoRA."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ def _load_tax():
     return module
 
 
-def test_tax_prints_each_row_and_the_loop_applies_the_lora():
+def test_tax_prints_each_row_and_the_diffusers_rows_apply_the_lora():
     flags = ["--models", "tiny-sd3", "--jobs", "6", "--adapters", "3", "--reps", "1"]
-    flags += ["--modes", "base", "diffusers-loop", "omni-batch"]
+    flags += ["--modes", "base", "diffusers-loop", "diffusers-grouped", "omni-batch"]
     done = subprocess.run(
         [sys.executable, str(TAX), *flags], capture_output=True, text=True, timeout=300, check=False
     )
@@ -35,14 +35,19 @@ def test_tax_prints_each_row_and_the_loop_applies_the_lora():
         if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])
     }
     base, loop = rows["base (no adapter)"], rows["plain diffusers loop"]
+    grouped = next(cells for label, cells in rows.items() if label.startswith("diffusers, grouped"))
     omni = next(cells for label, cells in rows.items() if label.startswith("omni-batch"))
     assert base[1] == "x1.000" and float(base[2]) > 0
     assert loop[3] == "6", "the loop loads an adapter for every job"
+    assert grouped[3] == omni[3], "grouped by hand, each adapter is loaded once, as omni-batch does"
     assert 1 <= int(omni[3]) <= 3, "omni-batch loads each of at most 3 adapters about once"
     host = next(cells for label, cells in rows.items() if label.startswith("r16,"))
     assert float(host[0]) > 0 and float(host[1]) > 0, "host hit ms and memcpy ms"
-    assert re.search(r"^check: diffusers loop vs base: 6/6 images changed", done.stdout, re.M), done.stdout
-    assert re.search(r"^check: diffusers loop vs omni-batch.*<= \d+ required", done.stdout, re.M)
+    assert re.search(r"^check: plain diffusers loop vs base: 6/6 images changed", done.stdout, re.M), (
+        done.stdout
+    )
+    assert re.search(r"^check: diffusers, grouped.* vs base: 6/6 images changed", done.stdout, re.M)
+    assert re.search(r"^check: plain diffusers loop vs omni-batch.*<= \d+ required", done.stdout, re.M)
     assert "check: ok" in done.stdout
 
 
@@ -63,7 +68,7 @@ def test_the_check_fails_when_the_loop_changes_nothing(tmp_path):
         rows[mode] = tax.Row(mode, mode, 1.0, 2, 2, None, tmp_path / mode)
     work = tax.Workload("tiny-sd3", jobs, base_jobs, tmp_path)
 
-    lines, ok = tax.check_loop(rows, work)
+    lines, ok = tax.check_plain(rows, work)
 
     assert not ok
     assert "0/2 images changed" in lines[0] and lines[-1] == "check: FAILED"
