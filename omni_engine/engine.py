@@ -164,6 +164,14 @@ class Omni:
         if guidance is not None and (not isinstance(guidance, int | float) or not math.isfinite(guidance)):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance!r}")
 
+        merge = self._mixed_merge(requests, scales, steps) if mixed else None
+        # A mixed call runs its prompts grouped by adapter (the merged one's first), so that each
+        # adapter's rows are one slice of the batch; the outputs come back in the caller's order.
+        order = _grouped_order(requests, scales, merge) if mixed else list(range(len(prompts)))
+        prompts, seeds, requests, scales = (
+            [values[i] for i in order] for values in (prompts, seeds, requests, scales)
+        )
+
         call: dict[str, Any] = {"prompt": prompts, "output_type": "pil"}
         for key, value in (
             ("num_inference_steps", steps),
@@ -181,7 +189,6 @@ class Omni:
             #    a mixed call, make every adapter resident and route each prompt to its own.
             started = time.perf_counter()
             if mixed:
-                merge = self._mixed_merge(requests, scales, steps)
                 activations, context = self._lora.activate_mixed(requests, scales, merge=merge)
                 applied.enter_context(context)
                 main = next((a for a in activations if a.fused), None)
@@ -214,7 +221,7 @@ class Omni:
             "dtype": str(self.dtype).removeprefix("torch."),
             "versions": dict(self._versions),
         }
-        return [
+        outputs = [
             OmniRequestOutput(
                 prompt=p,
                 images=[image],
@@ -237,6 +244,7 @@ class Omni:
                 prompts, seeds, images, requests, scales, activations, strict=True
             )
         ]
+        return [output for _, output in sorted(zip(order, outputs, strict=True), key=lambda pair: pair[0])]
 
     def add_lora(self, lora_request: LoRARequest) -> bool:
         """Read, check and hold an adapter in host memory, ready for a fast first use."""
@@ -367,3 +375,12 @@ def check_compile_backend(backend: str | None) -> str | None:
         usual = ", ".join(torch._dynamo.list_backends())
         raise ValueError(f"compile must be None or a torch.compile backend such as {usual}; got {backend!r}")
     return backend
+
+
+def _grouped_order(
+    requests: Sequence[LoRARequest | None], scales: Sequence[float], merge: tuple[str, float] | None
+) -> list[int]:
+    """Prompt indices ordered by (adapter, scale), the merged one's first, then as first seen."""
+    keys = [(r.lora_path if r is not None else None, s) for r, s in zip(requests, scales, strict=True)]
+    first = {key: i for i, key in reversed(list(enumerate(keys)))}
+    return sorted(range(len(keys)), key=lambda i: (keys[i] != merge, first[keys[i]], i))

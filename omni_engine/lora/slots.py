@@ -192,26 +192,26 @@ class SlotBank:
         """
         if self._padded:
             raise ValueError("a call mixing adapters cannot run on a compiled denoiser (compile=...)")
-        groups: dict[tuple[str, float, float], list[int]] = {}
+        members: dict[tuple[str, float, float], list[int]] = {}
         for row, (name, scale) in enumerate(rows):
             if (name, scale) == merged:
                 continue
             if name is not None and scale != 0.0:
-                groups.setdefault((name, scale, 1.0), []).append(row)
+                members.setdefault((name, scale, 1.0), []).append(row)
             if merged is not None:
-                groups.setdefault((*merged, -1.0), []).append(row)
+                members.setdefault((*merged, -1.0), []).append(row)
+        groups = {key: _runs(ids) for key, ids in members.items()}
         handles = []
         self._active = None  # the layers' own state changes here: activate again afterwards
         _set_enabled(self._layers.values(), False)
         try:
             for module, layer in self._layers.items():
                 terms = []
-                for (name, scale, sign), members in groups.items():
+                for (name, scale, sign), runs in groups.items():
                     slot = self._slots[name]
                     if module in slot.targets:
                         weights = slot.weights[module]
-                        index = torch.tensor(members, device=weights.a.device)
-                        terms.append(_Term(weights.a, weights.b, sign * weights.scaling(scale), index))
+                        terms.append(_Term(weights.a, weights.b, sign * weights.scaling(scale), runs))
                 if terms:
                     conv = layer.lora_A[self._name] if self._shapes[module].kernel else None
                     handles.append(layer.register_forward_hook(_MixedDelta(terms, len(rows), conv)))
@@ -347,22 +347,27 @@ class SlotBank:
 
 @dataclass(frozen=True)
 class _Term:
-    """One slot's share of a mixed call in one layer: its weights, scaling and prompt rows."""
+    """One slot's share of a mixed call in one layer: its weights, scaling and prompt rows, as runs
+    of consecutive prompts (start, stop)."""
 
     a: torch.Tensor
     b: torch.Tensor
     scaling: float
-    rows: torch.Tensor
+    runs: list[tuple[int, int]]
 
 
 class _MixedDelta:
-    """A LoRA layer's forward hook in a mixed call: adds each slot's delta to its prompts' rows."""
+    """A LoRA layer's forward hook in a mixed call: adds each slot's delta to its prompts' rows.
+
+    Rows are taken as slices of consecutive prompts, views of the layer's input and output: no
+    gather or scatter copies a row (the engine orders a mixed call's prompts by adapter, so each
+    adapter's prompts are one run).
+    """
 
     def __init__(self, terms: list[_Term], prompts: int, conv: torch.nn.Conv2d | None) -> None:
         self._terms = terms
         self._prompts = prompts
         self._conv = conv
-        self._rows: dict[tuple[int, int], torch.Tensor] = {}  # (term, repeats) -> row indices
 
     def __call__(self, layer: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
@@ -372,18 +377,34 @@ class _MixedDelta:
                 f"a call mixing adapters over {self._prompts} prompts met a batch of {x.shape[0]} "
                 "in a LoRA layer: this pipeline does not keep one row per prompt"
             )
-        for i, term in enumerate(self._terms):
-            rows = self._rows.get((i, repeats))
-            if rows is None:
-                blocks = [term.rows + k * self._prompts for k in range(repeats)]
-                rows = self._rows[(i, repeats)] = torch.cat(blocks)
-            selected = x.index_select(0, rows).to(term.a.dtype)
-            if self._conv is not None:
-                delta = F.conv2d(self._conv._conv_forward(selected, term.a, None), term.b)
-            else:
-                delta = F.linear(F.linear(selected, term.a), term.b)
-            output.index_add_(0, rows, (delta * term.scaling).to(output.dtype))
+        for term in self._terms:
+            for block in range(0, repeats * self._prompts, self._prompts):
+                for start, stop in term.runs:
+                    rows = slice(block + start, block + stop)
+                    selected = x[rows].to(term.a.dtype)
+                    if self._conv is not None:
+                        delta = F.conv2d(self._conv._conv_forward(selected, term.a, None), term.b)
+                        output[rows].add_((delta * term.scaling).to(output.dtype))
+                    else:
+                        # out += scaling * (x @ A.T) @ B.T in one matmul into the output's rows:
+                        # no delta tensor written and read back.
+                        low = F.linear(selected, term.a).to(output.dtype)
+                        target = output[rows].view(-1, output.shape[-1])
+                        target.addmm_(
+                            low.view(-1, low.shape[-1]), term.b.t().to(output.dtype), alpha=term.scaling
+                        )
         return output
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted row numbers as runs of consecutive ones: [0, 1, 2, 5] -> [(0, 3), (5, 6)]."""
+    runs: list[tuple[int, int]] = []
+    for row in rows:
+        if runs and runs[-1][1] == row:
+            runs[-1] = (runs[-1][0], row + 1)
+        else:
+            runs.append((row, row + 1))
+    return runs
 
 
 def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:

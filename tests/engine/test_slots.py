@@ -220,3 +220,25 @@ def test_an_adapter_refused_before_the_slot_changes_nothing(full, make_adapter, 
     assert lists == before[0] and buffers == before[2]
     assert stats == {**before[1], "load_failures": before[1]["load_failures"] + 1}
     assert _image(omni, a) == images["a"] and _image(omni) == images["base"]
+
+
+def test_a_mixed_calls_hook_adds_each_terms_delta_to_its_rows_only() -> None:
+    # Rows of one term need not be consecutive (runs), and guidance repeats the prompts in blocks.
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 5)
+    terms = [
+        slots._Term(torch.randn(2, 6), torch.randn(5, 2), 0.5, slots._runs([0, 1, 3])),
+        slots._Term(torch.randn(3, 6), torch.randn(5, 3), -2.0, slots._runs([3, 4])),
+    ]
+    assert terms[0].runs == [(0, 2), (3, 4)]
+    prompts, x = 5, torch.randn(2 * 5, 4, 6)  # two blocks of five prompts, four tokens each
+    expected = layer(x)
+    for term in terms:
+        for start, stop in term.runs:
+            for block in (0, prompts):
+                rows = slice(block + start, block + stop)
+                expected[rows] += (x[rows] @ term.a.T @ term.b.T) * term.scaling
+    layer.register_forward_hook(slots._MixedDelta(terms, prompts, None))
+    torch.testing.assert_close(layer(x), expected)
+    with pytest.raises(RuntimeError, match="met a batch of 7"):
+        layer(torch.randn(7, 4, 6))
