@@ -11,6 +11,8 @@ mkdir -p "$out"
 bash .whl/install.sh || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMNI_CACHE_DIR=/tmp/omni-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-# The workload on the benchmark model, then on a model of SD3 Medium's size.
-timeout "${TAX_SMALL_S:-120}" python3 bench/tax.py --models small-sd3 2>&1 | tee "$out/tax-small.txt"
-timeout "${TAX_MEDIUM_S:-330}" python3 bench/tax.py --models medium-sd3 2>&1 | tee "$out/tax-medium.txt"
+# The workload on the benchmark model, then on a model of SD3 Medium's size: the base
+# model, omni-batch, and the two scripts a diffusers user writes instead.
+modes=(--modes base omni-batch diffusers-grouped diffusers-loop)
+timeout "${TAX_SMALL_S:-120}" python3 bench/tax.py --models small-sd3 "${modes[@]}" 2>&1 | tee "$out/tax-small.txt"
+timeout "${TAX_MEDIUM_S:-330}" python3 bench/tax.py --models medium-sd3 "${modes[@]}" 2>&1 | tee "$out/tax-medium.txt"

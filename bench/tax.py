@@ -423,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows[mode] = run_diffusers_grouped(work, out)
                 else:
                     rows[mode] = run_embedded(work, mode, out, tuple(args.cache))
+                # As it goes: a run cut short by a time limit still leaves its rows.
+                print(f"{model} {mode}: {rows[mode].seconds:.2f} s", file=sys.stderr, flush=True)
             host = measure_host_hit(work, args.reps) if args.reps > 0 else None
             print_tables(work, rows, host, args)
             lines, model_ok = check_plain(rows, work)
