@@ -167,10 +167,11 @@ class Omni:
         merge = self._mixed_merge(requests, scales, steps) if mixed else None
         # A mixed call runs its prompts grouped by adapter (the merged one's first), so that each
         # adapter's rows are one slice of the batch; the outputs come back in the caller's order.
-        order = _grouped_order(requests, scales, merge) if mixed else list(range(len(prompts)))
-        prompts, seeds, requests, scales = (
-            [values[i] for i in order] for values in (prompts, seeds, requests, scales)
-        )
+        order = _grouped_order(requests, scales, merge) if mixed else None
+        if order is not None:
+            prompts, seeds, requests, scales = (
+                [values[i] for i in order] for values in (prompts, seeds, requests, scales)
+            )
 
         call: dict[str, Any] = {"prompt": prompts, "output_type": "pil"}
         for key, value in (
@@ -244,7 +245,12 @@ class Omni:
                 prompts, seeds, images, requests, scales, activations, strict=True
             )
         ]
-        return [output for _, output in sorted(zip(order, outputs, strict=True), key=lambda pair: pair[0])]
+        if order is None:
+            return outputs
+        in_callers_order: list[OmniRequestOutput] = [None] * len(outputs)  # type: ignore[list-item]
+        for position, index in enumerate(order):
+            in_callers_order[index] = outputs[position]
+        return in_callers_order
 
     def add_lora(self, lora_request: LoRARequest) -> bool:
         """Read, check and hold an adapter in host memory, ready for a fast first use."""

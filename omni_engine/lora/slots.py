@@ -179,9 +179,9 @@ class SlotBank:
 
         Prompt i's rows of every LoRA layer's input get its slot's `B @ A` at its scale, added to
         the base layer's output as PEFT adds one adapter's (forward hooks, the model's LoRA layers
-        off): the same operations on the same values as an unmixed call, so an image differs from
-        one generated alone only where a matmul over fewer rows rounds differently. A layer may see
-        the prompts repeated in whole blocks (classifier-free guidance runs `cat([x] * 2)`).
+        off): PEFT's product on the same values, its scaling and sum fused into one `addmm_` on a
+        Linear, so an image differs from one generated alone only by rounding. A layer may see the
+        prompts repeated in whole blocks (classifier-free guidance runs `cat([x] * 2)`).
         Not with padded slots: hooks and changing row sets would recompile a compiled denoiser.
 
         `merged`, a (slot, scale) of the call, says the caller merged that adapter into the base
@@ -353,7 +353,7 @@ class _Term:
     a: torch.Tensor
     b: torch.Tensor
     scaling: float
-    runs: list[tuple[int, int]]
+    runs: tuple[tuple[int, int], ...]
 
 
 class _MixedDelta:
@@ -382,29 +382,30 @@ class _MixedDelta:
                 for start, stop in term.runs:
                     rows = slice(block + start, block + stop)
                     selected = x[rows].to(term.a.dtype)
+                    if self._conv is None and output.is_contiguous() and output.dtype == term.a.dtype:
+                        # out += scaling * (x @ A.T) @ B.T in one matmul into a view of the
+                        # output's rows: no delta tensor written and read back.
+                        low = F.linear(selected, term.a)
+                        target = output[rows].view(-1, output.shape[-1])
+                        target.addmm_(low.reshape(-1, low.shape[-1]), term.b.t(), alpha=term.scaling)
+                        continue
                     if self._conv is not None:
                         delta = F.conv2d(self._conv._conv_forward(selected, term.a, None), term.b)
-                        output[rows].add_((delta * term.scaling).to(output.dtype))
                     else:
-                        # out += scaling * (x @ A.T) @ B.T in one matmul into the output's rows:
-                        # no delta tensor written and read back.
-                        low = F.linear(selected, term.a).to(output.dtype)
-                        target = output[rows].view(-1, output.shape[-1])
-                        target.addmm_(
-                            low.view(-1, low.shape[-1]), term.b.t().to(output.dtype), alpha=term.scaling
-                        )
+                        delta = F.linear(F.linear(selected, term.a), term.b)
+                    output[rows].add_((delta * term.scaling).to(output.dtype))
         return output
 
 
-def _runs(rows: list[int]) -> list[tuple[int, int]]:
-    """Sorted row numbers as runs of consecutive ones: [0, 1, 2, 5] -> [(0, 3), (5, 6)]."""
+def _runs(rows: list[int]) -> tuple[tuple[int, int], ...]:
+    """Sorted row numbers as runs of consecutive ones: [0, 1, 2, 5] -> ((0, 3), (5, 6))."""
     runs: list[tuple[int, int]] = []
     for row in rows:
         if runs and runs[-1][1] == row:
             runs[-1] = (runs[-1][0], row + 1)
         else:
             runs.append((row, row + 1))
-    return runs
+    return tuple(runs)
 
 
 def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:

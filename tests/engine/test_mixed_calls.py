@@ -82,6 +82,35 @@ def test_a_call_mostly_of_one_adapter_merges_it_and_every_prompt_keeps_its_image
     assert image_bytes(again) == image_bytes(fresh)
 
 
+@pytest.mark.parametrize("mix", ["interleaved", "merged"])
+def test_outputs_come_back_in_the_callers_order_whatever_order_the_call_runs_in(
+    omni_factory, make_adapter, mix
+):
+    # The engine runs a mixed call's prompts grouped by adapter (the merged one first): the caller
+    # must not see that order, in images or in metadata.
+    omni = omni_factory(max_loras=3, fuse="auto")
+    a, b, _ = _requests(make_adapter)
+    requests = [a, b, a, None, b] if mix == "interleaved" else [b, a, a, a, None]
+
+    mixed = omni.generate(PROMPTS, lora_request=requests, seed=SEEDS)
+    alone = [
+        omni.generate(p, lora_request=r, seed=s)[0] for p, r, s in zip(PROMPTS, requests, SEEDS, strict=True)
+    ]
+
+    assert [m.prompt for m in mixed] == PROMPTS
+    assert [m.metadata["seed"] for m in mixed] == SEEDS
+    assert [m.metadata["lora"] and m.metadata["lora"]["name"] for m in mixed] == [
+        r and r.lora_name for r in requests
+    ]
+    if mix == "merged":
+        assert [m.metadata["fused"] for m in mixed] == [False, True, True, True, False]
+    # Within rounding (two paths in a merged call, up to 2 levels each on these models), where
+    # another prompt's image differs by far more.
+    for i, (m, one) in enumerate(zip(mixed, alone, strict=True)):
+        difference = np.abs(_pixels(m) - _pixels(one)).max()
+        assert difference <= ROUNDING_PATHS * 2, f"prompt {i}: not its own image ({difference})"
+
+
 def test_after_a_mixed_call_an_unmixed_one_is_the_fresh_engines_image(omni_factory, make_adapter):
     omni = omni_factory(max_loras=3)
     a, b, _ = _requests(make_adapter)

@@ -222,23 +222,40 @@ def test_an_adapter_refused_before_the_slot_changes_nothing(full, make_adapter, 
     assert _image(omni, a) == images["a"] and _image(omni) == images["base"]
 
 
-def test_a_mixed_calls_hook_adds_each_terms_delta_to_its_rows_only() -> None:
+@pytest.mark.parametrize(
+    ("tokens", "term_dtype"),
+    [(4, torch.float32), (None, torch.float32), (4, torch.float64)],
+    ids=["tokens", "rows-only", "other-dtype"],
+)
+def test_a_mixed_calls_hook_adds_each_terms_delta_to_its_rows_only(tokens, term_dtype) -> None:
     # Rows of one term need not be consecutive (runs), and guidance repeats the prompts in blocks.
     torch.manual_seed(0)
     layer = torch.nn.Linear(6, 5)
     terms = [
-        slots._Term(torch.randn(2, 6), torch.randn(5, 2), 0.5, slots._runs([0, 1, 3])),
-        slots._Term(torch.randn(3, 6), torch.randn(5, 3), -2.0, slots._runs([3, 4])),
+        slots._Term(
+            torch.randn(2, 6, dtype=term_dtype),
+            torch.randn(5, 2, dtype=term_dtype),
+            0.5,
+            slots._runs([0, 1, 3]),
+        ),
+        slots._Term(
+            torch.randn(3, 6, dtype=term_dtype),
+            torch.randn(5, 3, dtype=term_dtype),
+            -2.0,
+            slots._runs([3, 4]),
+        ),
     ]
-    assert terms[0].runs == [(0, 2), (3, 4)]
-    prompts, x = 5, torch.randn(2 * 5, 4, 6)  # two blocks of five prompts, four tokens each
+    assert terms[0].runs == ((0, 2), (3, 4))
+    prompts = 5
+    x = torch.randn(2 * prompts, *([tokens] if tokens else []), 6)  # two blocks of five prompts
     expected = layer(x)
     for term in terms:
         for start, stop in term.runs:
             for block in (0, prompts):
                 rows = slice(block + start, block + stop)
-                expected[rows] += (x[rows] @ term.a.T @ term.b.T) * term.scaling
+                delta = (x[rows].to(term_dtype) @ term.a.T @ term.b.T) * term.scaling
+                expected[rows] += delta.to(expected.dtype)
     layer.register_forward_hook(slots._MixedDelta(terms, prompts, None))
     torch.testing.assert_close(layer(x), expected)
     with pytest.raises(RuntimeError, match="met a batch of 7"):
-        layer(torch.randn(7, 4, 6))
+        layer(torch.randn(7, 6))
