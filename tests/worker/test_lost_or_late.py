@@ -25,3 +25,15 @@ def test_a_queued_job_is_late_and_one_the_broker_lacks_is_lost(broker, tmp_path)
         assert all(f"{j.job_id}: LATE" in three for j in queued), three
     else:  # RabbitMQ hands out no ids without consuming: the verdict is on the count
         assert "LOST: at least 1 in no queue" in three, three
+
+
+def test_a_broker_that_is_down_is_reported_as_not_inspected(restartable_broker, tmp_path):
+    job = validate_job({"prompt": "waiting", "dataset": "d"})
+    with Client(restartable_broker.url) as client:
+        client.submit_many([job])
+    storage = open_storage(str(tmp_path))
+    assert "LATE" in describe_missing(storage, "d", [job.job_id], restartable_broker.url)
+
+    restartable_broker.kill()
+    down = describe_missing(storage, "d", [job.job_id], restartable_broker.url)
+    assert down.startswith("the broker could not be inspected") and "LOST or LATE unknown" in down, down
