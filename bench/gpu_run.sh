@@ -15,6 +15,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 # model, omni-batch, and the two scripts a diffusers user writes instead.
 modes=(--modes base omni-batch diffusers-grouped diffusers-loop)
 timeout "${TAX_SMALL_S:-120}" python3 bench/tax.py --models small-sd3 "${modes[@]}" 2>&1 | tee "$out/tax-small.txt"
-timeout "${TAX_MEDIUM_S:-300}" python3 bench/tax.py --models medium-sd3 "${modes[@]}" 2>&1 | tee "$out/tax-medium.txt"
+timeout "${TAX_MEDIUM_S:-330}" python3 bench/tax.py --models medium-sd3 "${modes[@]}" 2>&1 | tee "$out/tax-medium.txt"
 # Whether filling a call with other adapters' jobs pays on this device (OMNI_MIX_ADAPTERS).
-timeout "${MIXING_S:-100}" python3 bench/mixing.py --models medium-sd3 --reps 1 2>&1 | tee "$out/mixing.txt"
+timeout "${MIXING_S:-90}" python3 bench/mixing.py --models medium-sd3 --reps 1 2>&1 | tee "$out/mixing.txt"

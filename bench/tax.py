@@ -221,7 +221,7 @@ def run_diffusers_grouped(work: Workload, out: Path, batch: int = 8) -> Row:
         pipe.unfuse_lora(components=[component])
         pipe.unload_lora_weights()
     seconds = time.perf_counter() - started
-    label = "diffusers, grouped by adapter (load, fuse_lora, batches of 8, unload)"
+    label = f"diffusers, grouped by adapter (load, fuse_lora, batches of {batch}, unload)"
     return Row("diffusers-grouped", label, seconds, len(work.jobs), len(groups), None, out)
 
 
