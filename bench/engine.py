@@ -21,11 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from omni_engine import LoRARequest, Omni
-from omni_engine.lora.synth import write_random_adapter
+from omni_engine.lora.synth import BENCH_TARGETS, write_random_adapter
 from omni_engine.models.loader import quiet_library_output
-
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "ff.net.2")
-
 
 # A one-step thumbnail: adapter timings do not depend on the image, so keep the image cheap.
 THUMBNAIL = {"num_inference_steps": 1, "height": 16, "width": 16}
@@ -50,7 +47,7 @@ def measure(model: str, reps: int, rank: int, workdir: Path) -> dict[str, float 
     omni = Omni(model, max_loras=2, max_cpu_loras=8, fuse="never")
     transformer = omni.pipeline.transformer
     adapters = [
-        write_random_adapter(workdir / f"{model}-{i}", transformer, rank=rank, targets=TARGETS, seed=i)
+        write_random_adapter(workdir / f"{model}-{i}", transformer, rank=rank, targets=BENCH_TARGETS, seed=i)
         for i in range(2)
     ]
     a, b = (LoRARequest(f"a{i}", i + 1, str(path)) for i, path in enumerate(adapters))

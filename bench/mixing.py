@@ -21,10 +21,8 @@ import time
 from pathlib import Path
 
 from omni_engine import LoRARequest, Omni
-from omni_engine.lora.synth import write_random_adapter
+from omni_engine.lora.synth import BENCH_TARGETS, write_random_adapter
 from omni_engine.models.loader import quiet_library_output
-
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "ff.net.2")
 
 
 def measure(model: str, batch: int, reps: int, rank: int, workdir: Path) -> None:
@@ -33,7 +31,7 @@ def measure(model: str, batch: int, reps: int, rank: int, workdir: Path) -> None
     omni = Omni(model, max_loras=2, max_cpu_loras=4)
     transformer = omni.pipeline.transformer
     paths = [
-        write_random_adapter(workdir / f"{model}-{i}", transformer, rank=rank, targets=TARGETS, seed=i)
+        write_random_adapter(workdir / f"{model}-{i}", transformer, rank=rank, targets=BENCH_TARGETS, seed=i)
         for i in range(2)
     ]
     a, b = (LoRARequest(f"m{i}", i + 1, str(path)) for i, path in enumerate(paths))

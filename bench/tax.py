@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 
 from omni_engine import LoRARequest, Omni
 from omni_engine.lora.adapter import PEFT_PREFIX
-from omni_engine.lora.synth import write_random_adapter
+from omni_engine.lora.synth import BENCH_TARGETS, write_random_adapter
 from omni_engine.models.loader import load_model, quiet_library_output, resolve_device
 from producer import layout
 from producer.schema import Job, validate_job
@@ -53,7 +53,6 @@ from producer.schema import Job, validate_job
 from worker.embedded import run_jobs
 from worker.settings import WorkerSettings, build_engine
 
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "ff.net.2")
 # The omni-batch rows' cache (--cache): fewer slots than adapters, so the scheduler's order matters.
 CACHE = (2, 4)
 # The file name diffusers' save_lora_weights writes and load_lora_weights looks for.
@@ -116,7 +115,7 @@ def make_workload(model: str, *, jobs: int, adapters: int, rank: int, workdir: P
     names = [f"style-{i:02d}" for i in range(adapters)]
     for i, name in enumerate(names):
         peft_dir = write_random_adapter(
-            workdir / f"peft-{model}" / name, loaded.denoiser, rank=rank, targets=TARGETS, seed=i
+            workdir / f"peft-{model}" / name, loaded.denoiser, rank=rank, targets=BENCH_TARGETS, seed=i
         )
         tensors = load_file(peft_dir / "adapter_model.safetensors")
         type(loaded.pipeline).save_lora_weights(

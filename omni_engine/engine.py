@@ -152,8 +152,9 @@ class Omni:
         for request in requests:
             if request is not None and not isinstance(request, LoRARequest):
                 raise TypeError(f"lora_request must be a LoRARequest, got {type(request).__name__}")
-        calls = {(r.lora_path if r is not None else None, s) for r, s in zip(requests, scales, strict=True)}
-        mixed = len(calls) > 1
+        # Each prompt's (adapter path, scale): a call with more than one mixes adapters.
+        keys = [(r.lora_path if r is not None else None, s) for r, s in zip(requests, scales, strict=True)]
+        mixed = len(set(keys)) > 1
         defaults = self._model.defaults
         height = self._check_size("height", height if height is not None else defaults.height)
         width = self._check_size("width", width if width is not None else defaults.width)
@@ -164,10 +165,10 @@ class Omni:
         if guidance is not None and (not isinstance(guidance, int | float) or not math.isfinite(guidance)):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance!r}")
 
-        merge = self._mixed_merge(requests, scales, steps) if mixed else None
+        merge = self._mixed_merge(keys, steps) if mixed else None
         # A mixed call runs its prompts grouped by adapter (the merged one's first), so that each
         # adapter's rows are one slice of the batch; the outputs come back in the caller's order.
-        order = _grouped_order(requests, scales, merge) if mixed else None
+        order = _grouped_order(keys, merge) if mixed else None
         if order is not None:
             prompts, seeds, requests, scales = (
                 [values[i] for i in order] for values in (prompts, seeds, requests, scales)
@@ -303,20 +304,18 @@ class Omni:
         return self.fuse is FuseMode.ALWAYS
 
     def _mixed_merge(
-        self, requests: Sequence[LoRARequest | None], scales: Sequence[float], steps: int | None
+        self, keys: Sequence[tuple[str | None, float]], steps: int | None
     ) -> tuple[str, float] | None:
         """The (lora_path, scale) a mixed call merges into the weights, or None: its largest
         adapter, when the hooks then run over fewer rows (each other adapter's row twice: its
         delta, and the merged one's taken out; each base row once) and the merge pays as a fused
         call's would."""
-        calls = Counter(
-            (r.lora_path, s) for r, s in zip(requests, scales, strict=True) if r is not None and s != 0.0
-        )
+        calls = Counter(key for key in keys if key[0] is not None and key[1] != 0.0)
         if not calls:
             return None
         main, own = calls.most_common(1)[0]
         with_adapter = sum(calls.values())
-        hooked = 2 * (with_adapter - own) + (len(requests) - with_adapter)
+        hooked = 2 * (with_adapter - own) + (len(keys) - with_adapter)
         return main if hooked < with_adapter and self._fuses(own, steps) else None
 
     def _generator_device(self) -> str:
@@ -383,10 +382,7 @@ def check_compile_backend(backend: str | None) -> str | None:
     return backend
 
 
-def _grouped_order(
-    requests: Sequence[LoRARequest | None], scales: Sequence[float], merge: tuple[str, float] | None
-) -> list[int]:
-    """Prompt indices ordered by (adapter, scale), the merged one's first, then as first seen."""
-    keys = [(r.lora_path if r is not None else None, s) for r, s in zip(requests, scales, strict=True)]
+def _grouped_order(keys: Sequence[tuple[str | None, float]], merge: tuple[str, float] | None) -> list[int]:
+    """Prompt indices ordered by (adapter path, scale), the merged one's first, then as first seen."""
     first = {key: i for i, key in reversed(list(enumerate(keys)))}
     return sorted(range(len(keys)), key=lambda i: (keys[i] != merge, first[keys[i]], i))

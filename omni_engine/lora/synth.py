@@ -13,6 +13,8 @@ from omni_engine.lora.adapter import DIFFUSERS_METADATA_KEY
 from omni_engine.lora.formats import PEFT_PREFIX
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# The benchmarks' adapters: an SD3 block's attention, its text-side projections and its feed-forward.
+BENCH_TARGETS = (*DEFAULT_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "ff.net.2")
 LAYOUTS = ("peft", "diffusers")
 
 
