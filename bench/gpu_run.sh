@@ -12,8 +12,9 @@ bash .whl/install.sh || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMNI_CACHE_DIR=/tmp/omni-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 # The issue's workload on the benchmark model, then on a model of SD3 Medium's size: the base
-# model, omni-batch, and the two scripts a diffusers user writes instead.
-modes=(--modes base omni-batch diffusers-grouped diffusers-loop)
+# model, omni-batch (mixing cold adapters into calls, and one adapter a call), and the two scripts
+# a diffusers user writes instead.
+modes=(--modes base omni-batch omni-batch-no-mix diffusers-grouped diffusers-loop)
 timeout "${TAX_SMALL_S:-120}" python3 bench/tax.py --models small-sd3 "${modes[@]}" 2>&1 | tee "$out/tax-small.txt"
 timeout "${TAX_MEDIUM_S:-330}" python3 bench/tax.py --models medium-sd3 "${modes[@]}" 2>&1 | tee "$out/tax-medium.txt"
 # Whether filling a call with other adapters' jobs pays on this device (OMNI_MIX_ADAPTERS).

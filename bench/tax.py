@@ -2,22 +2,24 @@
 diffusers loop, side by side in one process.
 
     python bench/tax.py [--models tiny-sd3 small-sd3] [--jobs 48] [--adapters 24] [--rank 16]
-                        [--modes base omni-batch omni-batch-no-mix omni-batch-fuse-never
-                                 omni-batch-fuse-always diffusers-grouped diffusers-loop]
+                        [--modes base omni-batch omni-batch-mix omni-batch-no-mix
+                                 omni-batch-fuse-never omni-batch-fuse-always
+                                 diffusers-grouped diffusers-loop]
                         [--reps 5] [--cache 2 4]
 
-Every row runs the same N jobs (fixed prompts and seeds; adapters drawn Zipf(1.0) from a fixed
-seed over A rank-r adapters) on a fresh pipeline warmed up with one image, timed end to end with
-the images stored. `base` runs the jobs with no adapter: the ceiling every other row is a ratio
-of. The omni-batch rows are the embedded runner (the worker's scheduler, engine and storage) with
-a cache of 2 resident and 4 held adapters (`--cache`); `omni-batch-no-mix` never mixes adapters
-in a call. `diffusers-loop` is what a user writes instead: per job, `load_lora_weights`, one
-image, `unload_lora_weights`. `diffusers-grouped` is what a user who knows that loads cost writes:
-the jobs grouped by adapter, one load and `fuse_lora` per adapter, batches of up to eight. The
-diffusers rows' images are checked against base (the LoRA must change every image), and the loop's
-against omni-batch's (they must match within rounding). The diffusers rows save each PNG and no
-more; base and the omni-batch rows store as the worker does (PNG and sidecar, each written
-atomically and fsynced), which on the tiny model is a tenth of the wall time.
+Every row runs the same N jobs (fixed prompts and seeds; adapters drawn Zipf(1.0) from a fixed seed
+over A rank-r adapters) on a fresh pipeline warmed up with one image, timed end to end with the
+images stored. `base` runs the jobs with no adapter: the ceiling every other row is a ratio of. The
+omni-batch rows are the embedded runner (the worker's scheduler, engine and storage) with a cache
+of 2 resident and 4 held adapters (`--cache`); `omni-batch` has the worker's defaults on this
+device (it mixes adapters in a call on a GPU, not on a CPU), `omni-batch-mix` mixes and
+`omni-batch-no-mix` does not, whatever the device. `diffusers-loop` is what a user writes instead: per
+job, `load_lora_weights`, one image, `unload_lora_weights`. `diffusers-grouped` is what a user who
+knows that loads cost writes: the jobs grouped by adapter, one load and `fuse_lora` per adapter,
+batches of up to eight. The diffusers rows' images are checked against base (the LoRA must change
+every image), and the loop's against omni-batch's (they must match within rounding). The diffusers
+rows save each PNG and no more; base and the omni-batch rows store as the worker does (PNG and
+sidecar, each written atomically and fsynced), which on the tiny model is a tenth of the wall time.
 
 A second table sets a host-cache hit against a plain copy of the same adapter's bytes, with the
 resident switch and scale change as bench/engine.py measures them.
@@ -51,7 +53,7 @@ from producer.schema import Job, validate_job
 
 # Everything taken from the worker, in one place: the embedded runner and its settings.
 from worker.embedded import run_jobs
-from worker.settings import WorkerSettings, build_engine
+from worker.settings import DEFAULT_MIX_ADAPTERS, WorkerSettings, build_engine
 
 # The omni-batch rows' cache (--cache): fewer slots than adapters, so the scheduler's order matters.
 CACHE = (2, 4)
@@ -68,11 +70,13 @@ MIN_LORA_CHANGE = 8
 MATCH_TOLERANCE = 2
 
 # --modes name -> (row label, worker settings that differ from the defaults).
+# Each label is completed with the fuse mode and the adapters a call may mix, as run.
 EMBEDDED_MODES: dict[str, tuple[str, dict[str, object]]] = {
-    "omni-batch": ("omni-batch (defaults: fuse auto, mixed calls)", {}),
-    "omni-batch-no-mix": ("omni-batch (fuse auto, one adapter a call)", {"mix_adapters": 1}),
-    "omni-batch-fuse-never": ("omni-batch (fuse never)", {"fuse": "never"}),
-    "omni-batch-fuse-always": ("omni-batch (fuse always)", {"fuse": "always"}),
+    "omni-batch": ("omni-batch, defaults", {}),
+    "omni-batch-mix": ("omni-batch, mixing", {"mix_adapters": DEFAULT_MIX_ADAPTERS}),
+    "omni-batch-no-mix": ("omni-batch, no mixing", {"mix_adapters": 1}),
+    "omni-batch-fuse-never": ("omni-batch, fuse never", {"fuse": "never"}),
+    "omni-batch-fuse-always": ("omni-batch, fuse always", {"fuse": "always"}),
 }
 PLAIN_MODES = ("diffusers-grouped", "diffusers-loop")
 MODES = ("base", *EMBEDDED_MODES, *PLAIN_MODES)
@@ -94,6 +98,7 @@ class Row:
     label: str
     seconds: float
     images: int
+    calls: int  # pipeline calls
     disk_loads: int
     stall_s: float | None  # summed over engine calls; None where the sidecars do not record it
     out: Path
@@ -150,6 +155,8 @@ def run_embedded(work: Workload, mode: str, out: Path, cache: tuple[int, int]) -
     settings = WorkerSettings(
         model=work.model, adapter_roots=(str(work.adapter_root),), output_uri=str(out), **overrides
     )
+    if mode != "base":
+        label += f" (fuse {settings.fuse.value}, up to {settings.policy.mix_adapters} adapters a call)"
     engine = build_engine(settings)  # as the worker builds it
     engine.generate("warm up", seed=0)
     loads_before = engine.lora_stats()["disk_loads"]
@@ -160,27 +167,32 @@ def run_embedded(work: Workload, mode: str, out: Path, cache: tuple[int, int]) -
 
     if (summary.images, summary.failed) != (len(jobs), 0):
         raise RuntimeError(f"{mode}: {summary.images} images and {summary.failed} failures of {len(jobs)}")
+    calls, stall_s = calls_and_stall(out, jobs)
     return Row(
         mode=mode,
         label=label,
         seconds=seconds,
         images=summary.images,
+        calls=calls,
         disk_loads=engine.lora_stats()["disk_loads"] - loads_before,
-        stall_s=summed_stall(out, jobs),
+        stall_s=stall_s,
         out=out,
     )
 
 
-def summed_stall(out: Path, jobs: list[Job]) -> float | None:
-    """Seconds the denoiser waited for an adapter, over engine calls (a call's jobs share timings)."""
-    calls = {}
+def calls_and_stall(out: Path, jobs: list[Job]) -> tuple[int, float | None]:
+    """From the sidecars: the engine calls made (a call's jobs share its timings), and the seconds
+    the denoiser waited for an adapter, summed over calls and their adapters."""
+    calls, stalls = set(), {}
     for job in jobs:
         record = json.loads((out / layout.sidecar_key(job.dataset, job.job_id)).read_bytes())
         timings = record["timings"]
-        calls[(record["adapter_sha256"], timings["adapter_s"], timings["generate_s"])] = timings
-    if not any("stall_s" in t for t in calls.values()):
-        return None
-    return sum(t.get("stall_s", 0.0) for t in calls.values())
+        call = (timings["adapter_s"], timings["generate_s"])
+        calls.add(call)
+        stalls[(record["adapter_sha256"], *call)] = timings
+    if not any("stall_s" in t for t in stalls.values()):
+        return len(calls), None
+    return len(calls), sum(t.get("stall_s", 0.0) for t in stalls.values())
 
 
 def plain_pipeline(work: Workload, out: Path):
@@ -207,11 +219,12 @@ def run_diffusers_grouped(work: Workload, out: Path, batch: int = 8) -> Row:
     for job in work.jobs:
         groups.setdefault(job.adapter, []).append(job)
 
-    started = time.perf_counter()
+    started, calls = time.perf_counter(), 0
     for adapter, jobs in sorted(groups.items(), key=lambda item: -len(item[1])):
         pipe.load_lora_weights(str(work.adapter_root / adapter), adapter_name="job", use_safetensors=True)
         pipe.fuse_lora(components=[component], lora_scale=1.0)
         for at in range(0, len(jobs), batch):
+            calls += 1
             chunk = jobs[at : at + batch]
             generators = [torch.Generator(generator_device).manual_seed(j.seed) for j in chunk]
             images = pipe([j.prompt for j in chunk], generator=generators, **call).images
@@ -221,7 +234,7 @@ def run_diffusers_grouped(work: Workload, out: Path, batch: int = 8) -> Row:
         pipe.unload_lora_weights()
     seconds = time.perf_counter() - started
     label = f"diffusers, grouped by adapter (load, fuse_lora, batches of {batch}, unload)"
-    return Row("diffusers-grouped", label, seconds, len(work.jobs), len(groups), None, out)
+    return Row("diffusers-grouped", label, seconds, len(work.jobs), calls, len(groups), None, out)
 
 
 def run_diffusers_loop(work: Workload, out: Path) -> Row:
@@ -249,7 +262,8 @@ def run_diffusers_loop(work: Workload, out: Path) -> Row:
         raise RuntimeError(
             f"diffusers-loop: load_lora_weights({first}) wrapped {wrapped} of {targeted} layers"
         )
-    return Row("diffusers-loop", "plain diffusers loop", seconds, len(work.jobs), len(work.jobs), None, out)
+    jobs = len(work.jobs)
+    return Row("diffusers-loop", "plain diffusers loop", seconds, jobs, jobs, jobs, None, out)
 
 
 def images_of(row: Row, jobs: list[Job]) -> list[np.ndarray]:
@@ -350,8 +364,8 @@ def print_tables(work: Workload, rows: dict[str, Row], host: dict[str, float] | 
         f"(rank {args.rank}, {adapters_used} used), cache {args.cache[0]} resident / {args.cache[1]} held\n"
     )
     base = rows.get("base")
-    print("| config | wall s | vs base | images/s | disk loads | adapter stall, % of wall |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| config | wall s | vs base | images/s | calls | disk loads | adapter stall, % of wall |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for mode in MODES:
         row = rows.get(mode)
         if row is None:
@@ -360,7 +374,7 @@ def print_tables(work: Workload, rows: dict[str, Row], host: dict[str, float] | 
         stall = f"{100 * row.stall_s / row.seconds:.1f}%" if row.stall_s is not None else "n/a"
         print(
             f"| {row.label} | {row.seconds:.2f} | {ratio} | {row.images / row.seconds:.2f} "
-            f"| {row.disk_loads} | {stall} |"
+            f"| {row.calls} | {row.disk_loads} | {stall} |"
         )
     if host is not None:
         print(

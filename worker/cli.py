@@ -68,7 +68,7 @@ _ENGINE_LIMITS = (
     (
         "--mix-adapters",
         ENV_MIX_ADAPTERS,
-        DEFAULT_MIX_ADAPTERS,
+        f"{DEFAULT_MIX_ADAPTERS} on a GPU, 1 on a CPU",
         "adapters one pipeline call may mix, at most --max-loras; 1 never mixes",
     ),
 )

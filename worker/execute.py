@@ -32,8 +32,6 @@ logger = logging.getLogger("omni.worker")
 
 # Failures that are the job's own and will not pass: recorded and acked, never retried.
 PERMANENT_ERRORS = (AdapterError, LoRACapacityError, ValueError)
-# Cold adapters read ahead while a group computes: the next group's, and one more for slack.
-READ_AHEAD = 2
 
 
 @dataclass(frozen=True)
@@ -76,14 +74,15 @@ def take_group(
     engine: Omni, window: list[Pending], item_of: Callable[[Pending], WorkItem], *, policy: SchedulerPolicy
 ) -> list[Pending]:
     """The next group, taken from `window`; the engine starts reading, in the background, the cold
-    adapters of the groups after it. `item_of` finds a Pending's WorkItem."""
+    adapters of the groups after it (as many as a call may mix, and one more for slack). `item_of`
+    finds a Pending's WorkItem."""
     resident, host = engine.held_adapters()
     now = time.monotonic()
     group = take_next_group(window, resident=resident, host=host, now=now, policy=policy)
     # The group's own adapters are loaded by its call: never read them twice.
     held = {*host, *(p.adapter for p in group if p.adapter is not None)}
     wanted = upcoming_cold_adapters(
-        window, resident=resident, host=held, now=now, policy=policy, limit=READ_AHEAD
+        window, resident=resident, host=held, now=now, policy=policy, limit=policy.mix_adapters + 1
     )
     requests = {}
     for pending in window:

@@ -97,7 +97,8 @@ def next_group(
     policy: SchedulerPolicy,
 ) -> list[Pending]:
     """The jobs to run next: one adapter, one batch key, at most `policy.max_batch`, most urgent first;
-    with `policy.mix_adapters` > 1, room left in the call is filled with jobs of adapters held already.
+    with `policy.mix_adapters` > 1, room left in the call is filled with jobs of other adapters (see
+    `_mixed_in`).
 
     `resident` names the adapters in the model, `host` those in host memory (it may include the resident
     ones); any other adapter is cold. Urgency orders jobs by deadline, then higher priority, then earlier
@@ -152,26 +153,31 @@ def _mixed_in(
     policy: SchedulerPolicy,
     urgency: Callable[[Pending], tuple],
 ) -> list[Pending]:
-    """Jobs to fill `group`'s call with, adapter by adapter, those with the fewest jobs first: a
-    small group gains most from sharing a call, a large one fills a call of its own later."""
+    """Jobs to fill `group`'s call with, adapter by adapter: first the base model's and adapters held
+    already, fewest jobs first (a small group gains most from sharing a call, a large one fills a
+    call of its own later), then cold adapters whose jobs all fit, most jobs first. A cold adapter
+    comes in whole, so its one load serves every job of it that could share this call, as a call
+    of its own would: mixing saves calls and adds no load.
+    """
     anchor = group[0]
     chosen = {job.job_id for job in group}
     adapters = {anchor.adapter} - {None}
     candidates: dict[str | None, list[Pending]] = {}
     for job in pending:
-        if (
-            job.job_id not in chosen
-            and job.call_key == anchor.call_key
-            and (job.adapter is None or job.adapter in held or job.adapter in adapters)
-        ):
+        if job.job_id not in chosen and job.call_key == anchor.call_key:
             candidates.setdefault(job.adapter, []).append(job)
+
+    def rank(item: tuple[str | None, list[Pending]]) -> tuple[bool, int, tuple]:
+        adapter, jobs = item
+        cold = adapter is not None and adapter not in held and adapter not in adapters
+        return cold, -len(jobs) if cold else len(jobs), min(map(urgency, jobs))
+
     room, added = policy.max_batch - len(group), []
-    smallest_first = sorted(candidates.items(), key=lambda item: (len(item[1]), min(map(urgency, item[1]))))
-    for adapter, jobs in smallest_first:
+    for adapter, jobs in sorted(candidates.items(), key=rank):
         if room == 0:
             break
         if adapter is not None and adapter not in adapters:
-            if len(adapters) == policy.mix_adapters:
+            if len(adapters) == policy.mix_adapters or (adapter not in held and len(jobs) > room):
                 continue
             adapters.add(adapter)
         jobs.sort(key=urgency)
@@ -212,15 +218,16 @@ def upcoming_cold_adapters(
     """The cold adapters the next groups will need, in the order `next_group` would pick them.
 
     What a worker reads ahead while the current group computes: the window is played forward
-    with each chosen adapter counted as held from then on, until `limit` cold ones are found.
+    with each chosen adapter (a call's anchor, and any mixed in) counted as held from then on,
+    until `limit` cold ones are found.
     """
     remaining, held, found = list(pending), {*resident, *host}, []
     while remaining and len(found) < limit:
         group = next_group(remaining, resident=resident, host=held, now=now, policy=policy)
-        adapter = group[0].adapter
-        if adapter is not None and adapter not in held:
-            found.append(adapter)
-            held.add(adapter)
+        for adapter in dict.fromkeys(job.adapter for job in group):
+            if adapter is not None and adapter not in held:
+                found.append(adapter)
+                held.add(adapter)
         chosen = {job.job_id for job in group}
         remaining = [job for job in remaining if job.job_id not in chosen]
-    return found
+    return found[:limit]

@@ -39,7 +39,9 @@ if TYPE_CHECKING:
 
 DEFAULT_WINDOW = 64
 # Adapters one pipeline call may mix, when it has room left after its own adapter's jobs (never
-# more than max_loras; a compiled denoiser never mixes): docs/performance.md.
+# more than max_loras; a compiled denoiser never mixes), on a GPU. On a CPU a call of eight images
+# costs what two calls of four do, so a fuller call saves nothing and its unfused rows cost: there
+# the default is 1 (docs/performance.md, "When mixing pays").
 DEFAULT_MIX_ADAPTERS = DEFAULT_MAX_LORAS
 # Redis redelivers a reserved job whose lease has not been renewed for this long. A live worker
 # renews the lease of every job it holds (worker.leases), however long the job waits, so this is
@@ -81,7 +83,7 @@ class WorkerSettings:
     max_cpu_loras: int = DEFAULT_MAX_CPU_LORAS
     window: int = DEFAULT_WINDOW
     max_batch: int = DEFAULT_MAX_BATCH
-    mix_adapters: int = DEFAULT_MIX_ADAPTERS
+    mix_adapters: int | None = None  # None: by the engine's device (see `policy`)
     max_wait_s: float = DEFAULT_MAX_WAIT_S
     output_uri: str | None = None
     # Where jobs may write besides output_uri (OMNI_OUTPUT_ROOTS); see `allowed_outputs`.
@@ -108,7 +110,7 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if self.window < 1:
             raise SettingsError(f"the window must hold at least one job, got {self.window}")
-        if self.mix_adapters < 1:
+        if self.mix_adapters is not None and self.mix_adapters < 1:
             raise SettingsError(
                 f"adapters per call (${ENV_MIX_ADAPTERS}, --mix-adapters) must be 1 (never mix) or more, "
                 f"got {self.mix_adapters}"
@@ -238,9 +240,15 @@ class WorkerSettings:
 
     @property
     def policy(self) -> SchedulerPolicy:
-        """The scheduling policy these settings ask for."""
+        """The scheduling policy these settings ask for, on the device the engine picks."""
+        mix = self.mix_adapters
+        if mix is None:
+            from omni_engine.models.loader import resolve_device
+
+            device, _ = resolve_device(None, None)  # what build_engine's Omni runs on
+            mix = 1 if device.type == "cpu" else DEFAULT_MIX_ADAPTERS
         # The engine mixes at most max_loras adapters in a call, and none on a compiled denoiser.
-        mix = 1 if self.compile is not None else min(self.mix_adapters, self.max_loras)
+        mix = 1 if self.compile is not None else min(mix, self.max_loras)
         return SchedulerPolicy(max_batch=self.max_batch, max_wait_s=self.max_wait_s, mix_adapters=mix)
 
 

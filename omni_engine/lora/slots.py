@@ -186,20 +186,19 @@ class SlotBank:
 
         `merged`, a (slot, scale) of the call, says the caller merged that adapter into the base
         weights for the call (`fusion.BaseWeights`): its own rows then need nothing, and every other row
-        gets its delta taken back out, so a call whose prompts are mostly one adapter's runs the
-        hooks over the few others only. Those rows then round along two paths (the merged weight,
-        less the delta), not only where a matmul over fewer rows rounds differently.
+        gets its delta taken back out, in the same pair of matmuls as its own delta (the two adapters'
+        A stacked, their B side by side, each B times its scaling). So a call whose prompts are mostly
+        one adapter's runs the hooks over the few others only, at one term a row. Those rows then round
+        along two paths (the merged weight, less the delta), not only where a matmul over fewer rows
+        rounds differently.
         """
         if self._padded:
             raise ValueError("a call mixing adapters cannot run on a compiled denoiser (compile=...)")
-        members: dict[tuple[str, float, float], list[int]] = {}
+        members: dict[tuple[str | None, float], list[int]] = {}  # a row's own (slot, scale) -> rows
         for row, (name, scale) in enumerate(rows):
-            if (name, scale) == merged:
-                continue
-            if name is not None and scale != 0.0:
-                members.setdefault((name, scale, 1.0), []).append(row)
-            if merged is not None:
-                members.setdefault((*merged, -1.0), []).append(row)
+            own = (name, scale) if name is not None and scale != 0.0 else (None, 0.0)
+            if (name, scale) != merged and (own[0] is not None or merged is not None):
+                members.setdefault(own, []).append(row)
         groups = {key: _runs(ids) for key, ids in members.items()}
         handles = []
         self._active = None  # the layers' own state changes here: activate again afterwards
@@ -207,11 +206,13 @@ class SlotBank:
         try:
             for module, layer in self._layers.items():
                 terms = []
-                for (name, scale, sign), runs in groups.items():
-                    slot = self._slots[name]
-                    if module in slot.targets:
-                        weights = slot.weights[module]
-                        terms.append(_Term(weights.a, weights.b, sign * weights.scaling(scale), runs))
+                for own, runs in groups.items():
+                    deltas = [self._delta(module, *own, 1.0)] if own[0] is not None else []
+                    if merged is not None:
+                        deltas.append(self._delta(module, *merged, -1.0))
+                    term = _Term.combined([d for d in deltas if d is not None], runs)
+                    if term is not None:
+                        terms.append(term)
                 if terms:
                     conv = layer.lora_A[self._name] if self._shapes[module].kernel else None
                     handles.append(layer.register_forward_hook(_MixedDelta(terms, len(rows), conv)))
@@ -219,6 +220,14 @@ class SlotBank:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _delta(self, module: str, name: str, scale: float, sign: float) -> _Term | None:
+        """Slot `name`'s delta in `module` at `sign * scale` (no rows yet), or None if it adds nothing."""
+        slot = self._slots[name]
+        if module not in slot.targets:
+            return None
+        weights = slot.weights[module]
+        return _Term(weights.a, weights.b, sign * weights.scaling(scale), ())
 
     # -- building and binding -----------------------------------------------------------------
 
@@ -354,6 +363,16 @@ class _Term:
     b: torch.Tensor
     scaling: float
     runs: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def combined(cls, deltas: list[_Term], runs: tuple[tuple[int, int], ...]) -> _Term | None:
+        """One term adding every delta to `runs`, as sum_i s_i B_i A_i x = [s_1 B_1 ... s_n B_n] @
+        [A_1; ...; A_n] x: the rows take one pair of matmuls at the summed rank, however many deltas."""
+        if len(deltas) <= 1:
+            return cls(deltas[0].a, deltas[0].b, deltas[0].scaling, runs) if deltas else None
+        a = torch.cat([d.a for d in deltas], dim=0)
+        b = torch.cat([d.b * d.scaling for d in deltas], dim=1)
+        return cls(a, b, 1.0, runs)
 
 
 class _MixedDelta:

@@ -37,10 +37,12 @@ def test_tax_prints_each_row_and_the_diffusers_rows_apply_the_lora():
     base, loop = rows["base (no adapter)"], rows["plain diffusers loop"]
     grouped = next(cells for label, cells in rows.items() if label.startswith("diffusers, grouped"))
     omni = next(cells for label, cells in rows.items() if label.startswith("omni-batch"))
-    assert base[1] == "x1.000" and float(base[2]) > 0
-    assert loop[3] == "6", "the loop loads an adapter for every job"
+    # Columns: wall s, vs base, images/s, calls, disk loads, stall.
+    assert base[1] == "x1.000" and float(base[2]) > 0 and base[3] == "1"
+    assert loop[3:5] == ["6", "6"], "the loop makes a call and a load for every job"
     assert float(grouped[0]) > 0
-    assert 1 <= int(omni[3]) <= 3, "omni-batch loads each of at most 3 adapters about once"
+    assert 1 <= int(omni[4]) <= 3, "omni-batch loads each of at most 3 adapters about once"
+    assert 1 <= int(omni[3]) <= int(grouped[3]), "omni-batch makes no more calls than one per adapter"
     host = next(cells for label, cells in rows.items() if label.startswith("r16,"))
     assert float(host[0]) > 0 and float(host[1]) > 0, "host hit ms and memcpy ms"
     assert re.search(r"^check: plain diffusers loop vs base: 6/6 images changed", done.stdout, re.M), (
@@ -65,7 +67,7 @@ def test_the_check_fails_when_the_loop_changes_nothing(tmp_path):
             Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(
                 tmp_path / mode / "tax" / f"{job.job_id}.png"
             )
-        rows[mode] = tax.Row(mode, mode, 1.0, 2, 2, None, tmp_path / mode)
+        rows[mode] = tax.Row(mode, mode, 1.0, 2, 2, 2, None, tmp_path / mode)
     work = tax.Workload("tiny-sd3", jobs, base_jobs, tmp_path)
 
     lines, ok = tax.check_plain(rows, work)

@@ -259,3 +259,39 @@ def test_a_mixed_calls_hook_adds_each_terms_delta_to_its_rows_only(tokens, term_
     torch.testing.assert_close(layer(x), expected)
     with pytest.raises(RuntimeError, match="met a batch of 7"):
         layer(torch.randn(7, 6))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_two_deltas_combined_into_one_term_add_what_they_add_apart(kind) -> None:
+    # A merged mixed call's other rows get their own delta and the merged one taken out as one
+    # pair of matmuls at the summed rank: it must add what the two terms add one by one.
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, conv, x = torch.nn.Linear(6, 5), None, torch.randn(8, 4, 6)
+        shapes = [((r, 6), (5, r)) for r in (2, 3)]
+    else:
+        layer = torch.nn.Conv2d(6, 5, 3, padding=1)
+        conv, x = torch.nn.Conv2d(6, 1, 3, padding=1, bias=False), torch.randn(8, 6, 7, 7)
+        shapes = [((r, 6, 3, 3), (5, r, 1, 1)) for r in (2, 3)]
+    runs = slots._runs([1, 2])
+    deltas = [
+        slots._Term(torch.randn(sa), torch.randn(sb), s, ())
+        for (sa, sb), s in zip(shapes, (0.5, -1.5), strict=True)
+    ]
+    apart = [slots._Term(d.a, d.b, d.scaling, runs) for d in deltas]
+    combined = slots._Term.combined(deltas, runs)
+    assert combined.a.shape[0] == 5 and combined.runs == runs
+
+    with torch.no_grad():
+        hook = layer.register_forward_hook(slots._MixedDelta(apart, 4, conv))
+        expected = layer(x)
+        hook.remove()
+        untouched = layer(x)
+        layer.register_forward_hook(slots._MixedDelta([combined], 4, conv))
+        got = layer(x)
+    torch.testing.assert_close(got, expected)
+    rows = [1, 2, 5, 6]  # two blocks of four prompts
+    others = [i for i in range(8) if i not in rows]
+    assert torch.equal(got[others], untouched[others])
+    assert (got[rows] - untouched[rows]).abs().max() > 0.1
+    assert slots._Term.combined([], runs) is None

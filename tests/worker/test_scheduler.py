@@ -266,6 +266,25 @@ def test_upcoming_cold_adapters_follow_the_order_groups_will_run_in() -> None:
     assert upcoming_cold_adapters([], resident=(), host=(), now=0.0, policy=POLICY, limit=2) == []
 
 
+def test_upcoming_cold_adapters_include_those_a_call_mixes_in() -> None:
+    from worker.scheduler import upcoming_cold_adapters
+
+    pending = [
+        *(mixable(f"a{i}", "a") for i in range(7)),
+        mixable("b0", "b"),
+        *(mixable(f"c{i}", "c") for i in range(5)),
+        *(mixable(f"d{i}", "d") for i in range(3)),
+    ]
+    # a's call takes b in; c's takes d in.
+    ahead = upcoming_cold_adapters(pending, resident=(), host=(), now=0.0, policy=MIXING, limit=9)
+    assert ahead == ["a", "b", "c", "d"]
+    assert upcoming_cold_adapters(pending, resident=(), host=(), now=0.0, policy=MIXING, limit=3) == [
+        "a",
+        "b",
+        "c",
+    ]
+
+
 def mixable(job_id: str, adapter: str | None, *, arrived: float = 0.0, key: tuple = SQUARE) -> Pending:
     """A job whose call may mix adapters: its call key is its batch key without the scale."""
     return Pending(job_id=job_id, adapter=adapter, batch_key=key, arrived=arrived, call_key=key[:-1])
@@ -285,15 +304,28 @@ def test_room_left_in_a_call_is_filled_with_held_adapters_fewest_jobs_first() ->
     ]
     six = SchedulerPolicy(max_batch=6, max_wait_s=300.0, mix_adapters=3)
     # a's 3 jobs, then c's one and the base model's one, then one of b's two: 6 in all, 3 adapters;
-    # never the cold adapter, nor the other call key.
+    # held adapters before the cold one, never the other call key.
     assert pick(pending, resident={"a", "b", "c"}, policy=six) == ["a0", "a1", "a2", "c0", "n0", "b0"]
 
 
-def test_mixing_stops_at_mix_adapters_and_never_loads_a_cold_adapter() -> None:
-    pending = [mixable("a0", "a"), mixable("b0", "b"), mixable("c0", "c"), mixable("cold0", "cold")]
+def test_mixing_stops_at_mix_adapters() -> None:
+    pending = [mixable("a0", "a"), mixable("b0", "b"), mixable("c0", "c"), mixable("d0", "d")]
     two = SchedulerPolicy(max_batch=8, max_wait_s=300.0, mix_adapters=2)
-    assert pick(pending, resident={"a", "b", "c"}, policy=two) == ["a0", "b0"]
-    assert pick(pending, resident={"a"}, host={"b"}, policy=MIXING) == ["a0", "b0"]
+    assert pick(pending, resident={"a", "b", "c", "d"}, policy=two) == ["a0", "b0"]
+    assert pick(pending, resident={"a"}, host={"b"}, policy=two) == ["a0", "b0"]
+
+
+def test_a_cold_adapter_is_mixed_in_only_whole_most_jobs_first() -> None:
+    pending = [
+        *(mixable(f"a{i}", "a") for i in range(3)),
+        *(mixable(f"x{i}", "x") for i in range(6)),
+        *(mixable(f"y{i}", "y") for i in range(4)),
+        mixable("z0", "z"),
+        mixable("yw0", "y", key=WIDE),
+    ]
+    # Room for 5 after a's 3: x's 6 do not fit (a second call would load x again), y's 4 (of this
+    # call key) and z's one do.
+    assert pick(pending, resident={"a"}, policy=MIXING) == ["a0", "a1", "a2", "y0", "y1", "y2", "y3", "z0"]
 
 
 def test_jobs_without_a_call_key_or_with_mixing_off_are_never_mixed() -> None:
@@ -324,20 +356,24 @@ def mixable_windows(draw: st.DrawFn) -> list[Pending]:
     batch=st.integers(1, 6),
     now=st.floats(0, 2000),
 )
-def test_a_mixed_call_shares_one_call_key_and_loads_at_most_its_anchors_adapter(
+def test_mixed_calls_share_one_call_key_and_never_add_a_load(
     window: list[Pending], resident: set[str], host: set[str], mix: int, batch: int, now: float
 ) -> None:
     policy = SchedulerPolicy(max_batch=batch, max_wait_s=200.0, mix_adapters=mix)
-    left, seen = list(window), []
+    left, seen, held, loads = list(window), [], {*resident, *host}, 0
     while left:
-        group = next_group(left, resident=resident, host=host, now=now, policy=policy)
+        group = next_group(left, resident=resident, host=held, now=now, policy=policy)
         assert 1 <= len(group) <= batch
         assert len({p.call_key for p in group}) == 1
         adapters = {p.adapter for p in group} - {None}
         assert len(adapters) <= mix
-        cold = adapters - resident - host
-        assert cold <= {group[0].adapter}, "only the anchor's adapter may need a load"
         seen += [p.job_id for p in group]
         left = [p for p in left if p.job_id not in {p.job_id for p in group}]
+        for cold in adapters - held - {group[0].adapter}:
+            # Mixed in whole: nothing of it left that could have shared this call.
+            assert not [p for p in left if p.adapter == cold and p.call_key == group[0].call_key]
+        loads += len(adapters - held)
+        held |= adapters  # a host cache that keeps everything: each adapter needs one load at most
         now += 10.0
     assert sorted(seen) == sorted(p.job_id for p in window)
+    assert loads == len({p.adapter for p in window} - {None} - resident - host)
