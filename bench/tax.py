@@ -5,7 +5,7 @@ diffusers loop, side by side in one process.
                         [--modes base omni-batch omni-batch-mix omni-batch-no-mix
                                  omni-batch-fuse-never omni-batch-fuse-always
                                  diffusers-grouped diffusers-loop]
-                        [--reps 5] [--cache 2 4]
+                        [--reps 5] [--cache 2 4] [--rounds 1]
 
 Every row runs the same N jobs (fixed prompts and seeds; adapters drawn Zipf(1.0) from a fixed seed
 over A rank-r adapters) on a fresh pipeline warmed up with one image, timed end to end with the
@@ -156,7 +156,10 @@ def run_embedded(work: Workload, mode: str, out: Path, cache: tuple[int, int]) -
         model=work.model, adapter_roots=(str(work.adapter_root),), output_uri=str(out), **overrides
     )
     if mode != "base":
-        label += f" (fuse {settings.fuse.value}, up to {settings.policy.mix_adapters} adapters a call)"
+        mix = settings.policy.mix_adapters
+        label += (
+            f" (fuse {settings.fuse.value}, {f'up to {mix} adapters' if mix > 1 else 'one adapter'} a call)"
+        )
     engine = build_engine(settings)  # as the worker builds it
     engine.generate("warm up", seed=0)
     loads_before = engine.lora_stats()["disk_loads"]
@@ -357,23 +360,27 @@ def measure_host_hit(work: Workload, reps: int) -> dict[str, float]:
     }
 
 
-def print_tables(work: Workload, rows: dict[str, Row], host: dict[str, float] | None, args) -> None:
+def print_tables(work: Workload, runs: dict[str, list[Row]], host: dict[str, float] | None, args) -> None:
+    """Per mode, medians over rounds; `vs base` is the median of each round's own ratio."""
     adapters_used = len({j.adapter for j in work.jobs})
     print(
         f"\n### {work.model}: {len(work.jobs)} jobs, adapters Zipf(1.0) over {args.adapters} "
-        f"(rank {args.rank}, {adapters_used} used), cache {args.cache[0]} resident / {args.cache[1]} held\n"
+        f"(rank {args.rank}, {adapters_used} used), cache {args.cache[0]} resident / {args.cache[1]} held, "
+        f"medians of {args.rounds} round(s)\n"
     )
-    base = rows.get("base")
+    med = statistics.median
+    base = runs.get("base")
     print("| config | wall s | vs base | images/s | calls | disk loads | adapter stall, % of wall |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for mode in MODES:
-        row = rows.get(mode)
-        if row is None:
-            continue
-        ratio = f"x{row.seconds / base.seconds:.3f}" if base else "n/a"
-        stall = f"{100 * row.stall_s / row.seconds:.1f}%" if row.stall_s is not None else "n/a"
+    for rounds in runs.values():
+        row, seconds = rounds[-1], med(r.seconds for r in rounds)
+        ratio = (
+            f"x{med(r.seconds / b.seconds for r, b in zip(rounds, base, strict=True)):.3f}" if base else "n/a"
+        )
+        stalls = [100 * r.stall_s / r.seconds for r in rounds if r.stall_s is not None]
+        stall = f"{med(stalls):.1f}%" if stalls else "n/a"
         print(
-            f"| {row.label} | {row.seconds:.2f} | {ratio} | {row.images / row.seconds:.2f} "
+            f"| {row.label} | {seconds:.2f} | {ratio} | {row.images / seconds:.2f} "
             f"| {row.calls} | {row.disk_loads} | {stall} |"
         )
     if host is not None:
@@ -406,6 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--reps", type=int, default=5, help="repetitions of the host-hit table")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="runs of every row, alternating in order; the table shows medians",
+    )
+    parser.add_argument(
         "--cache",
         nargs=2,
         type=int,
@@ -414,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the omni-batch rows' max_loras and max_cpu_loras (the worker's defaults: 4 16)",
     )
     args = parser.parse_args(argv)
-    if args.jobs < 1 or args.adapters < 2:
-        parser.error("--jobs must be >= 1 and --adapters >= 2")
+    if args.jobs < 1 or args.adapters < 2 or args.rounds < 1:
+        parser.error("--jobs and --rounds must be >= 1 and --adapters >= 2")
     quiet_library_output()
 
     print(machine())
@@ -427,19 +440,24 @@ def main(argv: list[str] | None = None) -> int:
             work = make_workload(
                 model, jobs=args.jobs, adapters=args.adapters, rank=args.rank, workdir=workdir
             )
-            rows = {}
-            for mode in [m for m in MODES if m in args.modes]:  # the table's order, not the flag's
-                out = workdir / f"out-{model}-{mode}"
-                if mode == "diffusers-loop":
-                    rows[mode] = run_diffusers_loop(work, out)
-                elif mode == "diffusers-grouped":
-                    rows[mode] = run_diffusers_grouped(work, out)
-                else:
-                    rows[mode] = run_embedded(work, mode, out, tuple(args.cache))
-                # As it goes: a run cut short by a time limit still leaves its rows.
-                print(f"{model} {mode}: {rows[mode].seconds:.2f} s", file=sys.stderr, flush=True)
+            modes = [m for m in MODES if m in args.modes]  # the table's order, not the flag's
+            runs: dict[str, list[Row]] = {mode: [] for mode in modes}
+            for round_ in range(args.rounds):
+                # Every other round backwards, so a drift of the machine's speed touches all rows alike.
+                for mode in modes if round_ % 2 == 0 else modes[::-1]:
+                    out = workdir / f"out-{model}-{mode}-{round_}"
+                    if mode == "diffusers-loop":
+                        row = run_diffusers_loop(work, out)
+                    elif mode == "diffusers-grouped":
+                        row = run_diffusers_grouped(work, out)
+                    else:
+                        row = run_embedded(work, mode, out, tuple(args.cache))
+                    runs[mode].append(row)
+                    # As it goes: a run cut short by a time limit still leaves its rows.
+                    print(f"{model} round {round_} {mode}: {row.seconds:.2f} s", file=sys.stderr, flush=True)
             host = measure_host_hit(work, args.reps) if args.reps > 0 else None
-            print_tables(work, rows, host, args)
+            print_tables(work, runs, host, args)
+            rows = {mode: rounds[-1] for mode, rounds in runs.items()}
             lines, model_ok = check_plain(rows, work)
             ok &= model_ok
             print("\n" + "\n".join(lines) if lines else "")

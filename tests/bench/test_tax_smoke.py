@@ -23,7 +23,7 @@ def _load_tax():
 
 
 def test_tax_prints_each_row_and_the_diffusers_rows_apply_the_lora():
-    flags = ["--models", "tiny-sd3", "--jobs", "6", "--adapters", "3", "--reps", "1"]
+    flags = ["--models", "tiny-sd3", "--jobs", "6", "--adapters", "3", "--reps", "1", "--rounds", "2"]
     flags += ["--modes", "base", "diffusers-loop", "diffusers-grouped", "omni-batch"]
     done = subprocess.run(
         [sys.executable, str(TAX), *flags], capture_output=True, text=True, timeout=300, check=False
@@ -51,6 +51,14 @@ def test_tax_prints_each_row_and_the_diffusers_rows_apply_the_lora():
     assert re.search(r"^check: diffusers, grouped.* vs base: 6/6 images changed", done.stdout, re.M)
     assert re.search(r"^check: plain diffusers loop vs omni-batch.*<= \d+ required", done.stdout, re.M)
     assert "check: ok" in done.stdout
+    # Two rounds, the second backwards; the table gives medians.
+    assert "medians of 2 round(s)" in done.stdout
+    order = [
+        line.split()[3].rstrip(":")
+        for line in done.stderr.splitlines()
+        if line.startswith("tiny-sd3 round 1 ")
+    ]
+    assert order == ["diffusers-loop", "diffusers-grouped", "omni-batch", "base"], done.stderr
 
 
 def test_the_check_fails_when_the_loop_changes_nothing(tmp_path):
