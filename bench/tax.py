@@ -155,12 +155,12 @@ def run_embedded(work: Workload, mode: str, out: Path, cache: tuple[int, int]) -
     settings = WorkerSettings(
         model=work.model, adapter_roots=(str(work.adapter_root),), output_uri=str(out), **overrides
     )
+    engine = build_engine(settings)  # as the worker builds it
     if mode != "base":
-        mix = settings.policy.mix_adapters
+        mix = settings.policy_on(engine.device).mix_adapters
         label += (
             f" (fuse {settings.fuse.value}, {f'up to {mix} adapters' if mix > 1 else 'one adapter'} a call)"
         )
-    engine = build_engine(settings)  # as the worker builds it
     engine.generate("warm up", seed=0)
     loads_before = engine.lora_stats()["disk_loads"]
 

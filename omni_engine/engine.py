@@ -307,15 +307,16 @@ class Omni:
         self, keys: Sequence[tuple[str | None, float]], steps: int | None
     ) -> tuple[str, float] | None:
         """The (lora_path, scale) a mixed call merges into the weights, or None: its largest
-        adapter, when the hooks then run over fewer rows (every other row once: its own delta and
-        the merged one's taken out are one pair of matmuls) and the merge pays as a fused call's
-        would."""
+        adapter, when the hooks then do less work (each other adapter's row two deltas: its own,
+        and the merged one's taken out; each base row one; ranks taken as equal) and the merge pays
+        as a fused call's would."""
         calls = Counter(key for key in keys if key[0] is not None and key[1] != 0.0)
         if not calls:
             return None
         main, own = calls.most_common(1)[0]
-        hooked = len(keys) - own
-        return main if hooked < sum(calls.values()) and self._fuses(own, steps) else None
+        with_adapter = sum(calls.values())
+        hooked = 2 * (with_adapter - own) + (len(keys) - with_adapter)
+        return main if hooked < with_adapter and self._fuses(own, steps) else None
 
     def _generator_device(self) -> str:
         return "cpu" if self.device.type == "mps" else self.device.type

@@ -349,7 +349,8 @@ def _serve_metrics(settings: WorkerSettings) -> None:
             "max_loras": str(settings.max_loras),
             "max_cpu_loras": str(settings.max_cpu_loras),
             "max_batch": str(settings.max_batch),
-            "mix_adapters": str(settings.policy.mix_adapters),
+            # The engine is not loaded yet: unset means "by device" (docs/performance.md).
+            "mix_adapters": str(settings.mix_adapters or "by device"),
             "fuse": settings.fuse.value,
         },
     )

@@ -72,7 +72,7 @@ class GroupingConsumer:
             self.engine = build_engine(settings)
         self.admission = Admission(settings)
         self.attempts = AttemptCounter(settings.broker_url, settings.result_backend)
-        self.policy = settings.policy
+        self.policy = settings.policy_on(self.engine.device)
         self.window: list[Pending] = []
         # Each upload remembers the connection its messages came on (see `attach`).
         self.uploads: deque[tuple[Future, list[tuple[Any, Result]], int]] = deque()

@@ -60,7 +60,7 @@ def run_jobs(
     started = time.perf_counter()
     stats_before = engine.lora_stats()
     admission = Admission(settings)
-    policy = settings.policy
+    policy = settings.policy_on(engine.device)
     queue = iter(jobs)
     window: list[Pending] = []
     adapters_used: set[str] = set()
@@ -95,8 +95,8 @@ def run_jobs(
         ok = sum(r.ok for r in results)
         summary.images += ok
         summary.failed += len(results) - ok
-        if ok and group[0].adapter is not None:
-            adapters_used.add(group[0].adapter)
+        # The least loads possible: one per adapter that served a job (a mixed call serves several).
+        adapters_used.update(r.item.job.adapter for r in results if r.ok and r.item.job.adapter is not None)
         _report(on_done, len(results))
         refill()
 

@@ -140,7 +140,8 @@ def next_group(
     group = [job for job in pending if job.adapter == anchor.adapter and job.batch_key == anchor.batch_key]
     group.sort(key=urgency)
     group = group[: policy.max_batch]
-    # 4. Room left: jobs that can share the call (one call key) with adapters held already, or none.
+    # 4. Room left: jobs that can share the call (one call key): held adapters', the base model's, or a
+    #    cold adapter's whole.
     if policy.mix_adapters > 1 and anchor.call_key is not None and len(group) < policy.max_batch:
         group += _mixed_in(pending, group, {*resident, *host}, policy, urgency)
     return group

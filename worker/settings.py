@@ -35,6 +35,8 @@ from producer.settings import (
 from worker.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S, SchedulerPolicy
 
 if TYPE_CHECKING:
+    import torch
+
     from omni_engine import Omni
 
 DEFAULT_WINDOW = 64
@@ -83,7 +85,7 @@ class WorkerSettings:
     max_cpu_loras: int = DEFAULT_MAX_CPU_LORAS
     window: int = DEFAULT_WINDOW
     max_batch: int = DEFAULT_MAX_BATCH
-    mix_adapters: int | None = None  # None: by the engine's device (see `policy`)
+    mix_adapters: int | None = None  # None: by the engine's device (see `policy_on`)
     max_wait_s: float = DEFAULT_MAX_WAIT_S
     output_uri: str | None = None
     # Where jobs may write besides output_uri (OMNI_OUTPUT_ROOTS); see `allowed_outputs`.
@@ -238,14 +240,10 @@ class WorkerSettings:
         """Whether shard queues can exist on this worker's broker (Redis), whatever it asked for."""
         return broker_kind(self.broker_url) is BrokerKind.REDIS
 
-    @property
-    def policy(self) -> SchedulerPolicy:
-        """The scheduling policy these settings ask for, on the device the engine picks."""
+    def policy_on(self, device: torch.device) -> SchedulerPolicy:
+        """The scheduling policy these settings ask for, for an engine on `device`."""
         mix = self.mix_adapters
         if mix is None:
-            from omni_engine.models.loader import resolve_device
-
-            device, _ = resolve_device(None, None)  # what build_engine's Omni runs on
             mix = 1 if device.type == "cpu" else DEFAULT_MIX_ADAPTERS
         # The engine mixes at most max_loras adapters in a call, and none on a compiled denoiser.
         mix = 1 if self.compile is not None else min(mix, self.max_loras)

@@ -186,11 +186,11 @@ class SlotBank:
 
         `merged`, a (slot, scale) of the call, says the caller merged that adapter into the base
         weights for the call (`fusion.BaseWeights`): its own rows then need nothing, and every other row
-        gets its delta taken back out, in the same pair of matmuls as its own delta (the two adapters'
-        A stacked, their B side by side, each B times its scaling). So a call whose prompts are mostly
-        one adapter's runs the hooks over the few others only, at one term a row. Those rows then round
-        along two paths (the merged weight, less the delta), not only where a matmul over fewer rows
-        rounds differently.
+        gets its delta taken back out, from the same pass over the row as its own delta (the two
+        adapters' A stacked; each B then adds its columns of the product at its own scaling). So a
+        call whose prompts are mostly one adapter's runs the hooks over the few others only. Those
+        rows then round along two paths (the merged weight, less the delta), not only where a matmul
+        over fewer rows rounds differently.
         """
         if self._padded:
             raise ValueError("a call mixing adapters cannot run on a compiled denoiser (compile=...)")
@@ -206,11 +206,11 @@ class SlotBank:
         try:
             for module, layer in self._layers.items():
                 terms = []
-                for own, runs in groups.items():
-                    deltas = [self._delta(module, *own, 1.0)] if own[0] is not None else []
+                for (name, scale), runs in groups.items():
+                    deltas = [self._delta(module, name, scale, 1.0)] if name is not None else []
                     if merged is not None:
                         deltas.append(self._delta(module, *merged, -1.0))
-                    term = _Term.combined([d for d in deltas if d is not None], runs)
+                    term = _Term.of([d for d in deltas if d is not None], runs)
                     if term is not None:
                         terms.append(term)
                 if terms:
@@ -221,13 +221,13 @@ class SlotBank:
             for handle in handles:
                 handle.remove()
 
-    def _delta(self, module: str, name: str, scale: float, sign: float) -> _Term | None:
-        """Slot `name`'s delta in `module` at `sign * scale` (no rows yet), or None if it adds nothing."""
+    def _delta(self, module: str, name: str, scale: float, sign: float) -> _Delta | None:
+        """Slot `name`'s delta in `module` at `sign * scale`, or None if it adds nothing there."""
         slot = self._slots[name]
         if module not in slot.targets:
             return None
         weights = slot.weights[module]
-        return _Term(weights.a, weights.b, sign * weights.scaling(scale), ())
+        return _Delta(weights.a, weights.b, sign * weights.scaling(scale))
 
     # -- building and binding -----------------------------------------------------------------
 
@@ -355,24 +355,39 @@ class SlotBank:
 
 
 @dataclass(frozen=True)
-class _Term:
-    """One slot's share of a mixed call in one layer: its weights, scaling and prompt rows, as runs
-    of consecutive prompts (start, stop)."""
+class _Delta:
+    """One slot's LoRA delta in one layer: `scaling * B @ A`."""
 
     a: torch.Tensor
     b: torch.Tensor
     scaling: float
+
+
+@dataclass(frozen=True)
+class _Term:
+    """What a mixed call adds to some prompts' rows of one layer: one or more deltas, their A stacked
+    so that the rows are read once, `low = x @ [A_1; A_2].T`, then each B times its scaling on its
+    own columns of `low`. Rows are runs of consecutive prompts (start, stop)."""
+
+    a: torch.Tensor
+    bs: tuple[tuple[torch.Tensor, float], ...]  # (B, scaling), in the order of A's rows
     runs: tuple[tuple[int, int], ...]
 
     @classmethod
-    def combined(cls, deltas: list[_Term], runs: tuple[tuple[int, int], ...]) -> _Term | None:
-        """One term adding every delta to `runs`, as sum_i s_i B_i A_i x = [s_1 B_1 ... s_n B_n] @
-        [A_1; ...; A_n] x: the rows take one pair of matmuls at the summed rank, however many deltas."""
-        if len(deltas) <= 1:
-            return cls(deltas[0].a, deltas[0].b, deltas[0].scaling, runs) if deltas else None
-        a = torch.cat([d.a for d in deltas], dim=0)
-        b = torch.cat([d.b * d.scaling for d in deltas], dim=1)
-        return cls(a, b, 1.0, runs)
+    def of(cls, deltas: list[_Delta], runs: tuple[tuple[int, int], ...]) -> _Term | None:
+        """The deltas as one term over `runs` (None: nothing to add). Deltas of one slot (its own row
+        at one scale, the merged one at another) are one delta at the difference of scalings."""
+        by_slot: dict[int, _Delta] = {}
+        for delta in deltas:
+            seen = by_slot.get(id(delta.a))
+            by_slot[id(delta.a)] = (
+                delta if seen is None else _Delta(delta.a, delta.b, seen.scaling + delta.scaling)
+            )
+        kept = list(by_slot.values())
+        if not kept:
+            return None
+        a = kept[0].a if len(kept) == 1 else torch.cat([d.a for d in kept], dim=0)
+        return cls(a, tuple((d.b, d.scaling) for d in kept), runs)
 
 
 class _MixedDelta:
@@ -401,18 +416,27 @@ class _MixedDelta:
                 for start, stop in term.runs:
                     rows = slice(block + start, block + stop)
                     selected = x[rows].to(term.a.dtype)
-                    if self._conv is None and output.is_contiguous() and output.dtype == term.a.dtype:
-                        # out += scaling * (x @ A.T) @ B.T in one matmul into a view of the
-                        # output's rows: no delta tensor written and read back.
-                        low = F.linear(selected, term.a)
-                        target = output[rows].view(-1, output.shape[-1])
-                        target.addmm_(low.reshape(-1, low.shape[-1]), term.b.t(), alpha=term.scaling)
-                        continue
                     if self._conv is not None:
-                        delta = F.conv2d(self._conv._conv_forward(selected, term.a, None), term.b)
+                        low = self._conv._conv_forward(selected, term.a, None)
                     else:
-                        delta = F.linear(F.linear(selected, term.a), term.b)
-                    output[rows].add_((delta * term.scaling).to(output.dtype))
+                        low = F.linear(selected, term.a)
+                    flat = low.reshape(-1, low.shape[-1]) if self._conv is None else None
+                    column = 0
+                    for b, scaling in term.bs:
+                        part = slice(column, column + b.shape[1])
+                        column = part.stop
+                        if flat is not None and output.is_contiguous() and output.dtype == b.dtype:
+                            # out += scaling * low @ B.T in one matmul into a view of the output's
+                            # rows, reading this B's columns of `low` in place: no copy, no delta
+                            # tensor written and read back.
+                            target = output[rows].view(-1, output.shape[-1])
+                            target.addmm_(flat[:, part], b.t(), alpha=scaling)
+                            continue
+                        if self._conv is not None:
+                            delta = F.conv2d(low[:, part], b)
+                        else:
+                            delta = F.linear(low[..., part], b)
+                        output[rows].add_((delta * scaling).to(output.dtype))
         return output
 
 

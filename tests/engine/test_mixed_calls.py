@@ -170,3 +170,19 @@ def test_a_compiled_engine_refuses_to_mix(omni_factory, make_adapter):
     a, b, _ = _requests(make_adapter)
     with pytest.raises(ValueError, match="compiled denoiser"):
         omni.generate(PROMPTS[:2], lora_request=[a, b], seed=SEEDS[:2])
+
+
+@pytest.mark.parametrize(
+    ("rows", "merged"),
+    [
+        (["a"] * 6 + ["b"] * 2, "a"),  # b's 2 rows take two deltas each: 4 row-deltas against 8
+        (["a"] * 3 + ["b", None], "a"),  # 2 + 1 against 4
+        (["a"] * 4 + ["b"] * 4, None),  # 8 against 8: the merge would not save hook work
+        (["a", "b"], None),
+        (["a", None, None], None),  # the base rows would take the merged delta out: 2 against 1
+    ],
+)
+def test_a_mixed_call_merges_its_largest_adapter_only_when_that_saves_hook_work(omni_factory, rows, merged):
+    omni = omni_factory(max_loras=2, fuse="auto")
+    keys = [(row, 1.0) if row else (None, 1.0) for row in rows]
+    assert omni._mixed_merge(keys, 2) == ((merged, 1.0) if merged else None)

@@ -231,30 +231,24 @@ def test_a_mixed_calls_hook_adds_each_terms_delta_to_its_rows_only(tokens, term_
     # Rows of one term need not be consecutive (runs), and guidance repeats the prompts in blocks.
     torch.manual_seed(0)
     layer = torch.nn.Linear(6, 5)
+    deltas = [
+        slots._Delta(torch.randn(2, 6, dtype=term_dtype), torch.randn(5, 2, dtype=term_dtype), 0.5),
+        slots._Delta(torch.randn(3, 6, dtype=term_dtype), torch.randn(5, 3, dtype=term_dtype), -2.0),
+    ]
     terms = [
-        slots._Term(
-            torch.randn(2, 6, dtype=term_dtype),
-            torch.randn(5, 2, dtype=term_dtype),
-            0.5,
-            slots._runs([0, 1, 3]),
-        ),
-        slots._Term(
-            torch.randn(3, 6, dtype=term_dtype),
-            torch.randn(5, 3, dtype=term_dtype),
-            -2.0,
-            slots._runs([3, 4]),
-        ),
+        slots._Term.of([deltas[0]], slots._runs([0, 1, 3])),
+        slots._Term.of([deltas[1]], slots._runs([3, 4])),
     ]
     assert terms[0].runs == ((0, 2), (3, 4))
     prompts = 5
     x = torch.randn(2 * prompts, *([tokens] if tokens else []), 6)  # two blocks of five prompts
     expected = layer(x)
-    for term in terms:
+    for delta, term in zip(deltas, terms, strict=True):
         for start, stop in term.runs:
             for block in (0, prompts):
                 rows = slice(block + start, block + stop)
-                delta = (x[rows].to(term_dtype) @ term.a.T @ term.b.T) * term.scaling
-                expected[rows] += delta.to(expected.dtype)
+                added = (x[rows].to(term_dtype) @ delta.a.T @ delta.b.T) * delta.scaling
+                expected[rows] += added.to(expected.dtype)
     layer.register_forward_hook(slots._MixedDelta(terms, prompts, None))
     torch.testing.assert_close(layer(x), expected)
     with pytest.raises(RuntimeError, match="met a batch of 7"):
@@ -262,9 +256,9 @@ def test_a_mixed_calls_hook_adds_each_terms_delta_to_its_rows_only(tokens, term_
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
-def test_two_deltas_combined_into_one_term_add_what_they_add_apart(kind) -> None:
-    # A merged mixed call's other rows get their own delta and the merged one taken out as one
-    # pair of matmuls at the summed rank: it must add what the two terms add one by one.
+def test_two_deltas_in_one_term_add_what_they_add_apart(kind) -> None:
+    # A merged mixed call's other rows get their own delta and the merged one taken out from one
+    # pass over the rows (A stacked): it must add what the two deltas add one by one.
     torch.manual_seed(0)
     if kind == "linear":
         layer, conv, x = torch.nn.Linear(6, 5), None, torch.randn(8, 4, 6)
@@ -275,23 +269,30 @@ def test_two_deltas_combined_into_one_term_add_what_they_add_apart(kind) -> None
         shapes = [((r, 6, 3, 3), (5, r, 1, 1)) for r in (2, 3)]
     runs = slots._runs([1, 2])
     deltas = [
-        slots._Term(torch.randn(sa), torch.randn(sb), s, ())
+        slots._Delta(torch.randn(sa), torch.randn(sb), s)
         for (sa, sb), s in zip(shapes, (0.5, -1.5), strict=True)
     ]
-    apart = [slots._Term(d.a, d.b, d.scaling, runs) for d in deltas]
-    combined = slots._Term.combined(deltas, runs)
-    assert combined.a.shape[0] == 5 and combined.runs == runs
+    apart = [slots._Term.of([d], runs) for d in deltas]
+    together = slots._Term.of(deltas, runs)
+    assert together.a.shape[0] == 5 and len(together.bs) == 2
 
     with torch.no_grad():
         hook = layer.register_forward_hook(slots._MixedDelta(apart, 4, conv))
         expected = layer(x)
         hook.remove()
         untouched = layer(x)
-        layer.register_forward_hook(slots._MixedDelta([combined], 4, conv))
+        layer.register_forward_hook(slots._MixedDelta([together], 4, conv))
         got = layer(x)
     torch.testing.assert_close(got, expected)
     rows = [1, 2, 5, 6]  # two blocks of four prompts
     others = [i for i in range(8) if i not in rows]
     assert torch.equal(got[others], untouched[others])
     assert (got[rows] - untouched[rows]).abs().max() > 0.1
-    assert slots._Term.combined([], runs) is None
+
+
+def test_one_slots_deltas_at_two_scales_are_one_delta_at_their_difference() -> None:
+    # Rows of the merged adapter at another scale: its own delta less the merged one's.
+    a, b = torch.randn(2, 6), torch.randn(5, 2)
+    term = slots._Term.of([slots._Delta(a, b, 2.0), slots._Delta(a, b, -0.5)], ((0, 1),))
+    assert term.a is a and term.bs == ((b, 1.5),)
+    assert slots._Term.of([], ((0, 1),)) is None

@@ -72,6 +72,38 @@ def test_run_stores_the_engines_exact_bytes_and_records_a_bad_job(tmp_path, make
         assert diff <= 1, job
 
 
+def test_mixing_fills_calls_with_cold_adapters_whole_and_never_adds_a_load(tmp_path, make_adapter):
+    """With mixing on (a GPU worker's default; set here, since a CPU worker runs one adapter a
+    call), seven jobs over four cold adapters run in two calls instead of four, with one load each."""
+    root = tmp_path / "adapters"
+    for name in "abcd":
+        make_adapter(name, rank=2)
+    adapters = ["a", "a", "a", "c", "c", "b", "d"]
+    jobs = [validate_job({"prompt": f"p{i}", "adapter": a, "dataset": "mix"}) for i, a in enumerate(adapters)]
+    out = str(tmp_path / "out")
+    settings = WorkerSettings(adapter_roots=(str(root),), max_loras=2, mix_adapters=2, output_uri=out)
+    engine = Omni("tiny-sd3", max_loras=2, adapter_roots=[str(root)])
+
+    summary = run_jobs(jobs, engine=engine, settings=settings)
+
+    assert (summary.images, summary.failed) == (7, 0)
+    assert summary.adapter_loads == summary.min_loads == 4
+    storage = open_storage(out)
+    records = [json.loads(storage.get_bytes(layout.sidecar_key("mix", job.job_id))) for job in jobs]
+    assert all(record["mixed"] for record in records)
+    calls = {(r["timings"]["adapter_s"], r["timings"]["generate_s"]) for r in records}
+    assert len(calls) == 2, "a's three jobs with c's two, then b's with d's"
+
+    direct = Omni("tiny-sd3", max_loras=2, adapter_roots=[str(root)])
+    for job in jobs:
+        request = LoRARequest(job.adapter, 1, str(root / job.adapter))
+        alone = direct.generate(job.prompt, lora_request=request, seed=job.seed)[0].images[0]
+        ours = Image.open(BytesIO(storage.get_bytes(layout.image_key("mix", job.job_id))))
+        diff = max(abs(x - y) for x, y in zip(ours.tobytes(), alone.tobytes(), strict=True))
+        # Within rounding: a merged call's other rows round along two paths (test_mixed_calls.py).
+        assert diff <= 4, (job.adapter, diff)
+
+
 def test_run_cli_refuses_a_bad_file_and_runs_nothing(tmp_path):
     jobs_file = tmp_path / "jobs.jsonl"
     jobs_file.write_text('{"prompt": "ok"}\n{"prompt": "bad", "width": 30}\n')
