@@ -205,12 +205,11 @@ class SlotBank:
         _set_enabled(self._layers.values(), False)
         try:
             for module, layer in self._layers.items():
+                taken_out = self._delta(module, *merged, -1.0) if merged is not None else None
                 terms = []
                 for (name, scale), runs in groups.items():
-                    deltas = [self._delta(module, name, scale, 1.0)] if name is not None else []
-                    if merged is not None:
-                        deltas.append(self._delta(module, *merged, -1.0))
-                    term = _Term.of([d for d in deltas if d is not None], runs)
+                    own = self._delta(module, name, scale, 1.0) if name is not None else None
+                    term = _Term.of([d for d in (own, taken_out) if d is not None], runs)
                     if term is not None:
                         terms.append(term)
                 if terms:
@@ -412,6 +411,9 @@ class _MixedDelta:
                 "in a LoRA layer: this pipeline does not keep one row per prompt"
             )
         for term in self._terms:
+            # A Linear's delta goes straight into the output's rows when their layout and dtype
+            # allow (a term's B matrices share its A's dtype: one dtype a layer's slots).
+            in_place = self._conv is None and output.is_contiguous() and output.dtype == term.a.dtype
             for block in range(0, repeats * self._prompts, self._prompts):
                 for start, stop in term.runs:
                     rows = slice(block + start, block + stop)
@@ -420,12 +422,12 @@ class _MixedDelta:
                         low = self._conv._conv_forward(selected, term.a, None)
                     else:
                         low = F.linear(selected, term.a)
-                    flat = low.reshape(-1, low.shape[-1]) if self._conv is None else None
+                    flat = low.reshape(-1, low.shape[-1]) if in_place else None
                     column = 0
                     for b, scaling in term.bs:
                         part = slice(column, column + b.shape[1])
                         column = part.stop
-                        if flat is not None and output.is_contiguous() and output.dtype == b.dtype:
+                        if flat is not None:
                             # out += scaling * low @ B.T in one matmul into a view of the output's
                             # rows, reading this B's columns of `low` in place: no copy, no delta
                             # tensor written and read back.
