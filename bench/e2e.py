@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fixtures.redis_server import RedisServer, free_port
 from fixtures.worker_process import WorkerProcess
 
-from omni_engine.lora.synth import write_random_adapter
+from omni_engine.lora.synth import write_random_adapters
 from omni_engine.models.loader import load_model, quiet_library_output
 from producer import layout
 from producer.client import Client
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
         denoiser = load_model(args.model, device=torch.device("cpu"), dtype=torch.float32).denoiser
         names = [f"style-{i}" for i in range(args.adapters)]
-        for i, name in enumerate(names):
-            write_random_adapter(workdir / "adapters" / name, denoiser, rank=16, seed=i)
+        seeds = {workdir / "adapters" / name: i for i, name in enumerate(names)}
+        write_random_adapters(seeds, denoiser, rank=16)
         # Interleaved, as many producers would send them: the worst order for a cache.
         jobs = [
             validate_job({"prompt": f"picture {i}", "adapter": names[i % len(names)], "dataset": "bench"})

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from omni_engine import LoRARequest, Omni
-from omni_engine.lora.synth import BENCH_TARGETS, write_random_adapter
+from omni_engine.lora.synth import BENCH_TARGETS, write_random_adapters
 from omni_engine.models.loader import quiet_library_output
 
 # A one-step thumbnail: adapter timings do not depend on the image, so keep the image cheap.
@@ -46,10 +46,8 @@ def measure(model: str, reps: int, rank: int, workdir: Path) -> dict[str, float 
     # Unfused: the tiers themselves are measured, never a merge (fuse="auto" merges big calls).
     omni = Omni(model, max_loras=2, max_cpu_loras=8, fuse="never")
     transformer = omni.pipeline.transformer
-    adapters = [
-        write_random_adapter(workdir / f"{model}-{i}", transformer, rank=rank, targets=BENCH_TARGETS, seed=i)
-        for i in range(2)
-    ]
+    seeds = {workdir / f"{model}-{i}": i for i in range(2)}
+    adapters = write_random_adapters(seeds, transformer, rank=rank, targets=BENCH_TARGETS)
     a, b = (LoRARequest(f"a{i}", i + 1, str(path)) for i, path in enumerate(adapters))
 
     def timing(request: LoRARequest | None, scale: float = 1.0, key: str = "adapter_s", size=THUMBNAIL):

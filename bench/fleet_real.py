@@ -31,7 +31,7 @@ import redis
 from fixtures.redis_server import free_port, start_redis_server
 from fixtures.worker_process import WorkerProcess, worker_flags
 
-from omni_engine.lora.synth import write_random_adapter
+from omni_engine.lora.synth import write_random_adapters
 from omni_engine.models.loader import load_model, quiet_library_output
 from producer import defaults as d
 from producer.client import Client
@@ -76,8 +76,7 @@ def write_adapters(root: Path, count: int) -> None:
     import torch
 
     denoiser = load_model("tiny-sd3", device=torch.device("cpu"), dtype=torch.float32).denoiser
-    for i in range(count):
-        write_random_adapter(root / f"a{i}", denoiser, seed=i)
+    write_random_adapters({root / f"a{i}": i for i in range(count)}, denoiser)
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from omni_engine import LoRARequest, Omni
-from omni_engine.lora.synth import BENCH_TARGETS, write_random_adapter
+from omni_engine.lora.synth import BENCH_TARGETS, write_random_adapters
 from omni_engine.models.loader import quiet_library_output
 
 
@@ -30,10 +30,8 @@ def measure(model: str, batch: int, reps: int, rank: int, workdir: Path) -> None
     one fused call per adapter, each row as soon as it is measured."""
     omni = Omni(model, max_loras=2, max_cpu_loras=4)
     transformer = omni.pipeline.transformer
-    paths = [
-        write_random_adapter(workdir / f"{model}-{i}", transformer, rank=rank, targets=BENCH_TARGETS, seed=i)
-        for i in range(2)
-    ]
+    seeds = {workdir / f"{model}-{i}": i for i in range(2)}
+    paths = write_random_adapters(seeds, transformer, rank=rank, targets=BENCH_TARGETS)
     a, b = (LoRARequest(f"m{i}", i + 1, str(path)) for i, path in enumerate(paths))
     prompts = [f"picture {i}" for i in range(batch)]
 

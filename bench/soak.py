@@ -30,7 +30,7 @@ from fixtures.brokers import new_vhost
 from fixtures.redis_server import start_redis_server
 from fixtures.worker_process import WorkerProcess, worker_flags
 
-from omni_engine.lora.synth import write_random_adapter
+from omni_engine.lora.synth import write_random_adapters
 from omni_engine.models.loader import load_model, quiet_library_output
 from producer import layout
 from producer.client import Client
@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
         denoiser = load_model("tiny-sd3", device=torch.device("cpu"), dtype=torch.float32).denoiser
         names = [f"a{i}" for i in range(args.adapters)]
-        for i, name in enumerate(names):
-            write_random_adapter(work / "adapters" / name, denoiser, seed=i)
+        write_random_adapters({work / "adapters" / name: i for i, name in enumerate(names)}, denoiser)
         rng = random.Random(7)
         jobs = [
             validate_job(

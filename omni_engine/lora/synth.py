@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,8 +19,14 @@ BENCH_TARGETS = (*DEFAULT_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "ff
 LAYOUTS = ("peft", "diffusers")
 
 
-def write_random_adapter(
-    path: str | Path,
+def write_random_adapter(path: str | Path, model: torch.nn.Module, *, seed: int = 0, **options: Any) -> Path:
+    """Write an adapter for `model` (the pipeline's transformer or unet) the way PEFT saves one;
+    `options` as `write_random_adapters` takes them."""
+    return write_random_adapters({path: seed}, model, **options)[0]
+
+
+def write_random_adapters(
+    seeds: Mapping[str | Path, int],
     model: torch.nn.Module,
     *,
     rank: int = 4,
@@ -28,22 +35,21 @@ def write_random_adapter(
     use_rslora: bool = False,
     layout: str = "peft",
     component: str = "transformer",
-    seed: int = 0,
     std: float = 2.0,
-) -> Path:
-    """Write an adapter for `model` (the pipeline's transformer or unet) the way PEFT saves one.
+) -> list[Path]:
+    """Write one adapter for `model` at each path, its weights drawn from the path's seed.
 
-    PEFT itself injects and saves it, from a copy of the model. lora_B is random as well (PEFT
-    initialises it to zero, which changes nothing), scaled by `std` so images visibly change.
-    `layout="diffusers"` rewrites the keys as diffusers saves them (`<component>.<module>`),
-    with the config in the safetensors header instead of adapter_config.json.
+    PEFT itself injects and saves them, into one copy of the model (a large model's copy takes
+    seconds). lora_B is random as well (PEFT initialises it to zero, which changes nothing),
+    scaled by `std` so images visibly change. `layout="diffusers"` rewrites the keys as diffusers
+    saves them (`<component>.<module>`), with the config in the safetensors header instead of
+    adapter_config.json.
     """
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file, save_file
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    path = Path(path)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha if alpha is not None else rank,
@@ -57,21 +63,25 @@ def write_random_adapter(
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in base.parameters()):
         base = base.to("cpu", torch.float32)
     peft_model = get_peft_model(base, config)
-    randomize_lora(peft_model, seed=seed, std=std)
-    peft_model.save_pretrained(path, safe_serialization=True)
-
-    if layout == "diffusers":
-        weights_file = path / "adapter_model.safetensors"
-        config_file = path / "adapter_config.json"
-        tensors = {
-            f"{component}.{key.removeprefix(PEFT_PREFIX)}": tensor
-            for key, tensor in load_file(weights_file).items()
-        }
-        metadata = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(json.loads(config_file.read_text()))}
-        save_file(tensors, path / "pytorch_lora_weights.safetensors", metadata=metadata)
-        weights_file.unlink()
-        config_file.unlink()
-    return path
+    written = []
+    for path, seed in seeds.items():
+        path = Path(path)
+        randomize_lora(peft_model, seed=seed, std=std)
+        peft_model.save_pretrained(path, safe_serialization=True)
+        if layout == "diffusers":
+            weights_file = path / "adapter_model.safetensors"
+            config_file = path / "adapter_config.json"
+            tensors = {
+                f"{component}.{key.removeprefix(PEFT_PREFIX)}": tensor
+                for key, tensor in load_file(weights_file).items()
+            }
+            header_config = json.dumps(json.loads(config_file.read_text()))
+            metadata = {"format": "pt", DIFFUSERS_METADATA_KEY: header_config}
+            save_file(tensors, path / "pytorch_lora_weights.safetensors", metadata=metadata)
+            weights_file.unlink()
+            config_file.unlink()
+        written.append(path)
+    return written
 
 
 def randomize_lora(model: torch.nn.Module, *, seed: int, std: float = 2.0) -> None:
