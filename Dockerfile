@@ -2,6 +2,11 @@
 # worker extra keeps it because it asks for torch as a range.
 FROM pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime
 
+# torch.compile (--compile / OMNI_COMPILE) builds kernels at run time: Triton's launchers need a C
+# compiler, inductor's CPU kernels a C++ one. The runtime image has neither.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY omni_engine ./omni_engine

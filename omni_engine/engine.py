@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from omni_engine.compiling import check_compile_backend, check_kernel_compiler
 from omni_engine.defaults import DEFAULT_MAX_CPU_LORAS, DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS
 from omni_engine.lora.adapter import DEFAULT_MAX_ADAPTER_BYTES, LoRAAdapter
 from omni_engine.lora.fuse_mode import FuseMode
@@ -83,6 +84,7 @@ class Omni:
             raise ValueError(f"fuse must be one of {[m.value for m in FuseMode]}, got {fuse!r}") from None
         self.compile = check_compile_backend(compile)
         self.device, self.dtype = resolve_device(device, dtype)
+        check_kernel_compiler(self.compile, self.device)
         self._model = load_model(model, device=self.device, dtype=self.dtype)
         self._base = BaseWeights(self._model.denoiser)
         self._lora = LoRAManager(
@@ -318,8 +320,10 @@ class Omni:
         hooked = 2 * (with_adapter - own) + (len(keys) - with_adapter)
         return main if hooked < with_adapter and self._fuses(own, steps) else None
 
-    def _generator_device(self) -> str:
-        return "cpu" if self.device.type == "mps" else self.device.type
+    def _generator_device(self) -> torch.device:
+        """The engine's own device, index and all (a generator on "cuda" is on cuda:0, whatever the
+        engine's); MPS draws on the CPU."""
+        return torch.device("cpu") if self.device.type == "mps" else self.device
 
     def _check_size(self, field: str, value: int | None) -> int | None:
         if value is None:
@@ -368,18 +372,6 @@ def _lora_record(request: LoRARequest | None, adapter: LoRAAdapter | None) -> di
         "config_sha256": adapter.config_sha256,
         "rank": adapter.max_rank,
     }
-
-
-def check_compile_backend(backend: str | None) -> str | None:
-    """`backend` if torch.compile knows it (None: no compiling); ValueError naming the known ones."""
-    if backend is None:
-        return None
-    import torch._dynamo
-
-    if backend not in torch._dynamo.list_backends(exclude_tags=()):
-        usual = ", ".join(torch._dynamo.list_backends())
-        raise ValueError(f"compile must be None or a torch.compile backend such as {usual}; got {backend!r}")
-    return backend
 
 
 def _grouped_order(keys: Sequence[tuple[str | None, float]], merge: tuple[str, float] | None) -> list[int]:

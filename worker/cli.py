@@ -228,6 +228,7 @@ def run_command(args: argparse.Namespace) -> int:
     from producer.errors import StorageError
     from producer.progress import progress_bar
     from worker.embedded import run_jobs
+    from worker.errors import DeviceLostError
     from worker.settings import build_engine
 
     quiet_library_output()
@@ -241,6 +242,10 @@ def run_command(args: argparse.Namespace) -> int:
             summary = run_jobs(grouped_order(jobs), engine=engine, settings=settings, on_done=bar.update)
     except StorageError as e:
         print(f"omni-batch run: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except DeviceLostError as e:
+        # Nothing was recorded against the jobs left: a second run does them, skipping those done.
+        print(f"omni-batch run: {e}; run the same command again to do the jobs left", file=sys.stderr)
         return EXIT_FAILURE
     if duplicates:
         print(f"skipped {duplicates} duplicate line(s)")
@@ -312,7 +317,7 @@ def worker_command(args: argparse.Namespace) -> int:
     # The Celery worker's exit code (1 after an unrecoverable error), which worker_main drops.
     workers: list[Any] = []
     signals.worker_init.connect(lambda sender, **_: workers.append(sender), weak=False)
-    signals.worker_shutdown.connect(lambda **_: _leave_fleet(app), weak=False)
+    signals.worker_shutdown.connect(lambda **_: _close_consumer(app), weak=False)
     app.worker_main(
         [
             "worker",
@@ -328,11 +333,11 @@ def worker_command(args: argparse.Namespace) -> int:
     return (workers[-1].exitcode or EXIT_OK) if workers else EXIT_FAILURE
 
 
-def _leave_fleet(app: Any) -> None:
+def _close_consumer(app: Any) -> None:
     """A clean stop: out of the fleet at once, so its shards go to others without waiting for expiry."""
     grouping = getattr(app, "omni_consumer", None)
-    if grouping is not None and grouping.fleet is not None:
-        grouping.fleet.stop()
+    if grouping is not None:
+        grouping.close()
 
 
 def _serve_metrics(settings: WorkerSettings) -> None:

@@ -22,12 +22,14 @@ from typing import Any
 
 from celery.backends.base import DisabledBackend
 from celery.utils.imports import symbol_by_name
+from celery.worker import state as worker_state
 from celery.worker.request import create_request_cls
 from celery.worker.state import revoked as revoked_tasks
 from celery.worker.state import task_ready, task_reserved
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 
 from producer import defaults as d
+from producer.cli import EXIT_FAILURE
 from producer.defaults import DEFAULT_DATASET, SUBMITTED_AT_HEADER
 from producer.errors import InvalidStorageKeyError, JobValidationError, StorageError, StorageUnavailableError
 from producer.layout import JSON_CONTENT_TYPE, error_key
@@ -37,7 +39,7 @@ from producer.schema import validate_job
 from worker import metrics
 from worker.admission import Admission, to_pending
 from worker.attempts import AttemptCounter
-from worker.errors import AttemptsUnavailableError, PoisonJobError
+from worker.errors import AttemptsUnavailableError, DeviceLostError, PoisonJobError
 from worker.execute import Result, failure, generate_group, store_with_retry, take_group
 from worker.fleet import FleetMember, app_queues, follow, join_fleet
 from worker.keepalive import Keepalive
@@ -82,6 +84,8 @@ class GroupingConsumer:
         self.uploader = ThreadPoolExecutor(1, thread_name_prefix="omni-store")
         self.last_arrival = time.monotonic()
         self._timer = None
+        self._consumer = consumer
+        self.stopping = False  # the device failed: nothing more is admitted or run
         self.fleet: FleetMember | None = None
         self._following: tuple[str, ...] | None = None
         self._operator_queues: frozenset[str] | None = None
@@ -98,6 +102,7 @@ class GroupingConsumer:
         # Messages of the old connection can no longer be acked; Redis redelivers them, and those
         # stored meanwhile are skipped then, as done.
         self.connection_epoch += 1
+        self._consumer = consumer
         self.keepalive.use(*_connections(consumer))
         for pending in self.window:
             task_ready(pending.payload[0])
@@ -171,9 +176,20 @@ class GroupingConsumer:
         self._timer = consumer.timer.call_repeatedly(TICK_S, lambda: self.tick(consumer), priority=10)
         return on_message
 
+    def close(self) -> None:
+        """At the worker's shutdown: leave the fleet at once (its shards go to others without waiting
+        for the heartbeat to expire) and stop the side threads. Jobs still held go back to the queue
+        with the connection, as at any stop."""
+        if self.fleet is not None:
+            self.fleet.stop()
+        self.keepalive.close()
+
     # -- the window ----------------------------------------------------------------------------
 
     def receive(self, request: Any) -> None:
+        if self.stopping:
+            _put_back([request])
+            return
         self.last_arrival = time.monotonic()
         pending = self._admit(request)
         if pending is not None:
@@ -242,6 +258,8 @@ class GroupingConsumer:
         return to_pending(admitted, payload=(request, admitted))
 
     def run_next(self) -> None:
+        if self.stopping:
+            return
         CONSUMER.beat()  # a long group is work, not silence: it starts the count afresh
         group = take_group(self.engine, self.window, lambda pending: pending.payload[1], policy=self.policy)
         live = []
@@ -280,7 +298,10 @@ class GroupingConsumer:
             except AttemptsUnavailableError as e:
                 self._requeue([p for rest in batches[i:] for p in rest], e)
                 return
-            self._generate(batch)
+            try:
+                self._generate(batch)
+            except DeviceLostError as e:
+                self._stop_for_device([p for rest in batches[i:] for p in rest], e)
         if retried:
             self.settle()
 
@@ -295,6 +316,8 @@ class GroupingConsumer:
         try:
             with self.keepalive.busy():
                 results = generate_group(self.engine, items)
+        except DeviceLostError:
+            raise  # not the jobs' fault: `run_next` puts them back and stops the worker
         except Exception as e:  # not the job's own error: record it and keep serving
             logger.exception("omni-batch worker: a group of %d job(s) failed", len(items))
             results = [failure(item, e) for item in items]
@@ -350,8 +373,23 @@ class GroupingConsumer:
                 settled.append(job_id)
             self.attempts.finished(settled)
 
-    def _requeue(self, group: list[Pending], error: AttemptsUnavailableError) -> None:
-        """Back to the queue, not run: without the start counts a poison job could kill every worker."""
+    def _stop_for_device(self, unrun: list[Pending], error: DeviceLostError) -> None:
+        """The device is unusable to this process: every job held goes back to the queue, neither
+        run nor failed; outcomes already made are stored; then the worker stops with exit code 1,
+        for its supervisor to start a fresh one. A job that breaks the device each time it runs is
+        failed as poison after `OMNI_MAX_ATTEMPTS` starts, as for any job that kills its worker."""
+        logger.critical("omni-batch worker: %s; stopping, every job held goes back to the queue", error)
+        self.stopping = True
+        self._requeue([*unrun, *self.window], error)
+        self.window.clear()
+        self.settle()
+        # Celery sends acks and rejects from its event loop, at its next turn: the stop is asked for
+        # after them, so they go out first. Its warm stop then returns anything else still held.
+        self._consumer.call_soon(_stop_worker)
+
+    def _requeue(self, group: list[Pending], error: Exception) -> None:
+        """Back to the queue, not run: without the start counts a poison job could kill every worker;
+        on a failed device, it would fail every job."""
         logger.error("%d job(s) back to the queue, not run: %s", len(group), error)
         metrics.JOBS_REQUEUED.labels(type(error).__name__).inc(len(group))
         for p in group:
@@ -400,6 +438,11 @@ def _connections(consumer: Any) -> tuple[Any, ...]:
     if consumer is None:
         return ()
     return (consumer.connection, getattr(consumer.event_dispatcher, "connection", None))
+
+
+def _stop_worker() -> None:
+    """Celery's own warm stop, with exit code 1 (its event loop checks this flag every turn)."""
+    worker_state.should_stop = EXIT_FAILURE
 
 
 def _put_back(deliveries: list[Any]) -> None:

@@ -55,7 +55,8 @@ def run_jobs(
     settings: WorkerSettings,
     on_done: Callable[[int], None] | None = None,
 ) -> RunSummary:
-    """Run every job not already done; failures are recorded, never raised."""
+    """Run every job not already done; the jobs' failures are recorded, never raised. A failed device
+    (DeviceLostError) stops the run with the jobs left unrecorded, for a second run to do."""
     summary = RunSummary()
     started = time.perf_counter()
     stats_before = engine.lora_stats()

@@ -26,6 +26,13 @@ class OutOfMemoryError(WorkerError):
     """The job does not fit in device memory even alone."""
 
 
+class DeviceLostError(WorkerError):
+    """The device failed in a way that leaves it unusable to this process (a CUDA error such as an
+    illegal memory access or a device-side assert): every later call would fail too. Not the jobs'
+    fault, so they are not failed: they go back to the queue and the process stops, for its
+    supervisor to start a fresh one."""
+
+
 class AdapterDownloadError(WorkerError, AdapterError):
     """An adapter in object storage could not be fetched whole and as listed (the transfer broke off,
     the bytes did not match the object's size or checksum, it changed meanwhile, or it cannot fit in

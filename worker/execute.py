@@ -25,13 +25,16 @@ from producer.records import encode, error_record, sidecar
 from producer.schema import Job
 from producer.storage import Storage
 from worker import metrics
-from worker.errors import OutOfMemoryError
+from worker.errors import DeviceLostError, OutOfMemoryError
 from worker.scheduler import Pending, SchedulerPolicy, take_next_group, upcoming_cold_adapters
 
 logger = logging.getLogger("omni.worker")
 
 # Failures that are the job's own and will not pass: recorded and acked, never retried.
 PERMANENT_ERRORS = (AdapterError, LoRACapacityError, ValueError)
+# What the RuntimeErrors of a failed allocation say: cuBLAS's, CUDA's own (pinned host memory), and
+# the host allocator's.
+OUT_OF_MEMORY_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "can't allocate memory")
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,11 @@ def take_group(
 
 
 def generate_group(engine: Omni, items: list[WorkItem]) -> list[Result]:
-    """Generate every item in one call (each with its own adapter and scale); nothing is stored yet."""
+    """Generate every item in one call (each with its own adapter and scale); nothing is stored yet.
+
+    Raises DeviceLostError when the device failed for good; any other failure of the call is
+    settled here (split on out of memory, each adapter alone, or the jobs failed for good).
+    """
     first = items[0].job
     try:
         generated = engine.generate(
@@ -109,22 +116,49 @@ def generate_group(engine: Omni, items: list[WorkItem]) -> list[Result]:
             width=first.width,
             negative_prompt=first.negative_prompt,
         )
-    except PERMANENT_ERRORS as e:
-        by_adapter: dict[str | None, list[int]] = {}
-        for i, item in enumerate(items):
-            by_adapter.setdefault(item.job.adapter, []).append(i)
-        if len(by_adapter) > 1:
-            # A mixed call: one adapter's fault must not fail the others' jobs. Each runs on its own.
-            logger.warning("a call mixing %d adapters failed (%s); running each alone", len(by_adapter), e)
-            results: list[Result] = [None] * len(items)  # type: ignore[list-item]  # all set below
-            for indices in by_adapter.values():
-                alone = generate_group(engine, [items[i] for i in indices])
-                for i, result in zip(indices, alone, strict=True):
-                    results[i] = result
-            return results
-        # The adapter or the parameters are bad for every job of the group, for good.
-        return [failure(item, e) for item in items]
-    except torch.OutOfMemoryError:
+    except Exception as e:
+        if device_lost(e):
+            raise DeviceLostError(f"the device failed: {type(e).__name__}: {e}") from e
+        if not (out_of_memory(e) or isinstance(e, PERMANENT_ERRORS)):
+            raise
+        failed = _released(e)
+    else:
+        return _results(items, generated)
+    # Out of the except clause, and the failure's frames dropped: the failed call's tensors are freed
+    # before any retry (inside it, a retry would run with the whole batch's memory still held).
+    return _after_failure(engine, items, failed)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """An allocation failure: torch's own error, or the RuntimeError a CUDA library or the host
+    allocator raises for one. A smaller batch may fit."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in OUT_OF_MEMORY_MARKERS)
+
+
+def device_lost(error: BaseException) -> bool:
+    """A device error other than out of memory: it leaves the CUDA context unusable, so every later
+    call would fail the same way. torch >= 2.8 raises AcceleratorError; earlier, a RuntimeError."""
+    if out_of_memory(error):
+        return False
+    if isinstance(error, getattr(torch, "AcceleratorError", ())):
+        return True
+    return isinstance(error, RuntimeError) and "CUDA error" in str(error)
+
+
+def _released(error: BaseException) -> BaseException:
+    """`error` without its tracebacks (and its causes'): they hold the failed call's frames."""
+    chain, seen = [], error
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen.__traceback__ = None
+        seen = seen.__cause__ or seen.__context__
+    return error
+
+
+def _after_failure(engine: Omni, items: list[WorkItem], error: BaseException) -> list[Result]:
+    if out_of_memory(error):
         if len(items) == 1:
             return [failure(items[0], OutOfMemoryError("out of device memory even as a batch of one"))]
         # Smaller batches need less memory: split, free what the failed call held, retry each half.
@@ -133,7 +167,23 @@ def generate_group(engine: Omni, items: list[WorkItem]) -> list[Result]:
             torch.cuda.empty_cache()
         half = len(items) // 2
         return generate_group(engine, items[:half]) + generate_group(engine, items[half:])
+    by_adapter: dict[str | None, list[int]] = {}
+    for i, item in enumerate(items):
+        by_adapter.setdefault(item.job.adapter, []).append(i)
+    if len(by_adapter) > 1:
+        # A mixed call: one adapter's fault must not fail the others' jobs. Each runs on its own.
+        logger.warning("a call mixing %d adapters failed (%s); running each alone", len(by_adapter), error)
+        results: list[Result] = [None] * len(items)  # type: ignore[list-item]  # all set below
+        for indices in by_adapter.values():
+            alone = generate_group(engine, [items[i] for i in indices])
+            for i, result in zip(indices, alone, strict=True):
+                results[i] = result
+        return results
+    # The adapter or the parameters are bad for every job of the group, for good.
+    return [failure(item, error) for item in items]
 
+
+def _results(items: list[WorkItem], generated: list[Any]) -> list[Result]:
     results, waits = [], []
     for item, output in zip(items, generated, strict=True):
         timings = {}

@@ -35,6 +35,7 @@ class Keepalive:
         self._connections: tuple[Any, ...] = ()  # kombu Connections that speak heartbeats
         self._beating: list[Any] = []  # their py-amqp connections, while busy
         self._idle = True
+        self._closed = False
         self._thread: threading.Thread | None = None
 
     def use(self, *connections: Any) -> None:
@@ -49,7 +50,7 @@ class Keepalive:
             # Only connections already open: reading `.connection` of a closed one would open it.
             opened = [c.connection for c in self._connections if c.connected]
             self._beating = [amqp for amqp in opened if amqp.heartbeat]
-            if self._beating:
+            if self._beating and not self._closed:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="omni-keepalive", daemon=True)
                     self._thread.start()
@@ -67,9 +68,19 @@ class Keepalive:
                     if monotonic() - amqp.last_heartbeat_received > amqp.heartbeat:
                         amqp.prev_recv = None
 
+    def close(self) -> None:
+        """Stop the side thread (at the worker's shutdown); `busy()` sends nothing afterwards."""
+        with self._lock:
+            self._closed = True
+            self._connections, self._beating = (), []
+            self._wake.notify()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+
     def _run(self) -> None:
         with self._lock:
-            while True:
+            while not self._closed:
                 if not self._beating:
                     self._idle = True
                     self._wake.wait()

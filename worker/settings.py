@@ -167,7 +167,7 @@ class WorkerSettings:
                 f"fuse (${ENV_FUSE}, --fuse) must be one of {modes}, got {self.fuse!r}"
             ) from None
         if self.compile is not None:
-            from omni_engine.engine import check_compile_backend
+            from omni_engine.compiling import check_compile_backend
 
             try:
                 check_compile_backend(self.compile)

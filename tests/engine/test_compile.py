@@ -70,3 +70,12 @@ def test_switching_twenty_adapters_of_mixed_rank_never_recompiles(
 def test_an_unknown_backend_is_refused_by_name(omni_factory):
     with pytest.raises(ValueError, match=r"compile must be None or a torch\.compile backend.*'fastest'"):
         omni_factory(compile="fastest")
+
+
+def test_inductor_without_a_compiler_is_refused_when_the_engine_is_built(omni_factory, monkeypatch, tmp_path):
+    # Else the first call fails, and every call after it: a worker would fail every job it takes.
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no g++ on it
+    monkeypatch.delenv("CXX", raising=False)
+    refused = r"compile='inductor' on cpu .* C\+\+ compiler, and none was found \(g\+\+"
+    with pytest.raises(ValueError, match=refused):
+        omni_factory(compile="inductor")

@@ -1,13 +1,16 @@
-"""A group's execution under faults: storage down (kept bytes, backoff), a batch out of memory."""
+"""A group's execution under faults: storage down (kept bytes, backoff), a batch out of memory, a
+failed device."""
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from io import BytesIO
 
 import boto3
+import pytest
 import torch
 from fixtures.redis_server import free_port
 from moto.server import ThreadedMotoServer
@@ -19,6 +22,7 @@ from producer import layout
 from producer.errors import StorageUnavailableError
 from producer.schema import validate_job
 from producer.storage import open_storage
+from worker.errors import DeviceLostError
 from worker.execute import Result, WorkItem, generate_group, store_with_retry
 
 # s3_server: the session's fake credentials; the servers here are the tests' own, to stop and start.
@@ -85,18 +89,32 @@ def test_the_retry_budget_ends_with_a_clear_error(s3_server):
     assert REGISTRY.get_sample_value("omni_storage_retries_total") == retries_before + 2
 
 
-def test_a_batch_that_runs_out_of_memory_is_split_and_every_job_completes(tmp_path):
+# What a GPU raises when an allocation fails: torch's own error, and cuBLAS's as a RuntimeError.
+OUT_OF_MEMORY = {
+    "torch": lambda: torch.OutOfMemoryError("CUDA out of memory (simulated)"),
+    "cublas": lambda: RuntimeError(
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)` (simulated)"
+    ),
+}
+
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY.values(), ids=OUT_OF_MEMORY.keys())
+def test_a_batch_that_runs_out_of_memory_is_split_and_every_job_completes(tmp_path, error):
     # A GPU's out-of-memory error cannot happen on this CPU machine, so a forward hook raises the
-    # very exception torch raises on a GPU whenever the transformer sees more than one image
-    # (classifier-free guidance doubles the batch).
+    # very exception a GPU raises whenever the transformer sees more than one image (classifier-free
+    # guidance doubles the batch).
     engine = Omni("tiny-sd3")
     storage = open_storage(str(tmp_path / "out"))
     items = [WorkItem(validate_job({"prompt": f"oom {i}", "dataset": "ds"}), None, storage) for i in range(4)]
     alone = [engine.generate(i.job.prompt, seed=i.job.seed)[0].images[0].tobytes() for i in items]
+    handling = []
 
     def too_big(module, args, kwargs):
         if kwargs["hidden_states"].shape[0] > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise error()
+        # A retry made while the failure is still being handled would run with the failed call's
+        # frames, and the device memory they hold, still alive.
+        handling.append(sys.exc_info()[0])
 
     hook = engine.pipeline.transformer.register_forward_pre_hook(too_big, with_kwargs=True)
     try:
@@ -105,6 +123,32 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_every_job_completes(tmp_pa
         hook.remove()
     assert [r.ok for r in results] == [True] * 4
     assert [Image.open(BytesIO(r.image)).tobytes() for r in results] == alone, "split into batches of one"
+    assert handling and set(handling) == {None}, "the retries ran inside the failure's except clause"
+
+
+def test_a_failed_device_is_raised_as_such_never_recorded_against_the_jobs(tmp_path):
+    # Simulated as above: the error torch raises after an illegal memory access on a GPU. Every
+    # later call would fail too, so the jobs must not be failed for good: the caller stops.
+    engine = Omni("tiny-sd3")
+    storage = open_storage(str(tmp_path / "out"))
+    items = [
+        WorkItem(validate_job({"prompt": f"lost {i}", "dataset": "ds"}), None, storage) for i in range(2)
+    ]
+    lost = torch.AcceleratorError("CUDA error: an illegal memory access was encountered (simulated)")
+
+    def broken(module, args, kwargs):
+        raise lost
+
+    hook = engine.pipeline.transformer.register_forward_pre_hook(broken, with_kwargs=True)
+    try:
+        with pytest.raises(
+            DeviceLostError, match="the device failed: AcceleratorError: CUDA error"
+        ) as caught:
+            generate_group(engine, items)
+    finally:
+        hook.remove()
+    assert caught.value.__cause__ is lost
+    assert not list((tmp_path / "out").rglob("*.json")), "nothing recorded"
 
 
 def test_taking_a_group_reads_ahead_the_next_groups_adapters_but_not_its_own(make_adapter, tmp_path):

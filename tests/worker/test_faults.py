@@ -450,6 +450,64 @@ def test_a_poison_job_is_failed_after_a_bound_and_the_rest_complete(
         )
 
 
+DEVICE_LOSS_HOOK = textwrap.dedent(
+    """
+    # Test-only: a CUDA error that leaves the device unusable (an illegal memory access, a
+    # device-side assert) cannot happen on this CPU machine, so the first call that holds a job
+    # whose prompt says so raises the error torch raises then. Once: the marker file says it happened.
+    import os, torch
+    from omni_engine import engine
+
+    _generate = engine.Omni.generate
+
+    def generate(self, prompt, **kwargs):
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        marker = os.environ["OMNI_TEST_DEVICE_LOST_MARKER"]
+        if any("lose the device" in p for p in prompts) and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered (simulated)")
+        return _generate(self, prompt, **kwargs)
+
+    engine.Omni.generate = generate
+    """
+)
+
+
+def test_a_failed_device_stops_the_worker_and_its_jobs_finish_on_the_next_unfailed(
+    broker, s3_bucket, six_adapters, start_worker, shipped_defaults, monkeypatch, tmp_path
+):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(DEVICE_LOSS_HOOK)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("OMNI_TEST_DEVICE_LOST_MARKER", str(tmp_path / "device-lost"))
+    jobs = [
+        validate_job({"prompt": f"device {i}" + (", lose the device" if i == 2 else ""), "dataset": "device",
+                      "adapter": ADAPTERS[0]})
+        for i in range(5)
+    ]  # fmt: skip
+    with Client(broker.url) as client:
+        client.submit_many(jobs)
+    storage = open_storage(s3_bucket.uri)
+
+    first = start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri))
+    wait_for(lambda: first.proc.poll() is not None, "the worker to stop once its device failed", 120)
+    assert first.proc.returncode == 1, first.log[-6000:]
+    assert "the device failed: AcceleratorError: CUDA error" in first.log, first.log[-6000:]
+    # Not the jobs' fault: none is failed, and each one not done is back in the queue at once (on
+    # Redis, the shipped 60 s visibility timeout has not passed: only the worker can have put it back).
+    assert not [k for k in storage.list_keys("device/") if k.endswith(layout.ERROR_SUFFIX)]
+    left = [j for j in jobs if not storage.exists(layout.sidecar_key("device", j.job_id))]
+    assert left, "the job that broke the device is not done"
+    wait_for_counts(
+        broker, lambda ready, unacked: (ready, unacked) == (len(left), 0), "the jobs back", timeout=15
+    )
+
+    second = start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri))
+    status = wait_settled(storage, "device", [j.job_id for j in jobs], worker=second, broker_url=broker.url)
+    assert (status.done, status.failed) == (len(jobs), 0)
+
+
 def _freeze_while_blocked(worker, redis) -> None:
     """SIGSTOP the worker, at a moment when one of its commands blocks in Redis if it ever does."""
     for _ in range(50):

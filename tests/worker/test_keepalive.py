@@ -3,6 +3,7 @@ thread cannot, against the machine's RabbitMQ (a vhost of the test's own)."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import kombu
@@ -32,3 +33,22 @@ def test_busy_spells_back_to_back_keep_the_connection_and_py_amqp_s_own_check_qu
         with connection.SimpleQueue("keepalive") as queue:
             queue.put({"alive": True})
             assert queue.get(timeout=10).payload == {"alive": True}
+    keepalive.close()
+
+
+@pytest.mark.parametrize("broker", ["amqp"], indirect=True)
+def test_close_stops_the_side_thread_and_later_busy_spells_start_none(broker):
+    # The worker's shutdown closes it: no thread is left writing heartbeats on a closing connection.
+    keepalive = Keepalive()
+    before = set(threading.enumerate())
+    with kombu.Connection(broker.url, heartbeat=HEARTBEAT_S) as connection:
+        connection.connect()
+        keepalive.use(connection)
+        with keepalive.busy():
+            beating = [t for t in set(threading.enumerate()) - before if t.name == "omni-keepalive"]
+        assert len(beating) == 1
+        keepalive.close()
+        assert not beating[0].is_alive()
+        keepalive.use(connection)  # a reconnection during shutdown
+        with keepalive.busy():
+            assert set(threading.enumerate()) <= before
