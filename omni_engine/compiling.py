@@ -34,12 +34,12 @@ def check_kernel_compiler(backend: str | None, device: torch.device) -> None:
     if backend != "inductor" or device.type not in KERNEL_COMPILERS:
         return
     variable, programs = KERNEL_COMPILERS[device.type]
-    named = os.environ.get(variable)
-    candidates = (named,) if named else programs
-    if not any(shutil.which(program) for program in candidates):
+    named = os.environ.get(variable)  # set, even empty, it is the only one looked for
+    candidates = programs if named is None else (named,)
+    if not any(program and shutil.which(program) for program in candidates):
         language = "C" if device.type == "cuda" else "C++"
+        looked = f"{' or '.join(programs)}, or ${variable}" if named is None else f"${variable}={named!r}"
         raise ValueError(
             f"compile='inductor' on {device.type} builds kernels at run time with a {language} compiler, "
-            f"and none was found ({' or '.join(candidates)}{'' if named else f', or ${variable}'}): "
-            "install one, or leave compile off"
+            f"and none was found ({looked}): install one, or leave compile off"
         )

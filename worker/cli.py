@@ -278,7 +278,8 @@ def worker_command(args: argparse.Namespace) -> int:
     """Start the Celery worker in this process; at shutdown, its exit code.
 
     Non-zero when it stopped on an error it cannot recover from (the broker refused its
-    credentials, the model did not load, an error escaped the consumer), so a supervisor restarts it.
+    credentials, the model did not load, the device failed, an error escaped the consumer), so a
+    supervisor restarts it.
     """
     import socket
 
@@ -334,7 +335,8 @@ def worker_command(args: argparse.Namespace) -> int:
 
 
 def _close_consumer(app: Any) -> None:
-    """A clean stop: out of the fleet at once, so its shards go to others without waiting for expiry."""
+    """At any stop: out of the fleet at once (its shards go to others without waiting for expiry),
+    and the consumer's side threads stopped."""
     grouping = getattr(app, "omni_consumer", None)
     if grouping is not None:
         grouping.close()

@@ -180,9 +180,11 @@ class GroupingConsumer:
         """At the worker's shutdown: leave the fleet at once (its shards go to others without waiting
         for the heartbeat to expire) and stop the side threads. Jobs still held go back to the queue
         with the connection, as at any stop."""
-        if self.fleet is not None:
-            self.fleet.stop()
-        self.keepalive.close()
+        try:
+            if self.fleet is not None:
+                self.fleet.stop()
+        finally:
+            self.keepalive.close()
 
     # -- the window ----------------------------------------------------------------------------
 
@@ -291,6 +293,8 @@ class GroupingConsumer:
         retried = any(previous[p.job_id] for p in runnable)
         batches = [[p] for p in runnable] if retried else [runnable]
         for i, batch in enumerate(batches):
+            if self.stopping:  # the device failed: the rest went back to the queue
+                return
             if retried:
                 self.settle()
             try:

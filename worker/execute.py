@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from omni_engine import Omni
+from omni_engine.device_errors import device_lost, drop_frames, out_of_memory
 from omni_engine.errors import AdapterError, LoRACapacityError
 from omni_engine.lora.request import LoRARequest
 from producer.errors import StorageError, StorageUnavailableError
@@ -32,9 +33,6 @@ logger = logging.getLogger("omni.worker")
 
 # Failures that are the job's own and will not pass: recorded and acked, never retried.
 PERMANENT_ERRORS = (AdapterError, LoRACapacityError, ValueError)
-# What the RuntimeErrors of a failed allocation say: cuBLAS's, CUDA's own (pinned host memory), and
-# the host allocator's.
-OUT_OF_MEMORY_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "can't allocate memory")
 
 
 @dataclass(frozen=True)
@@ -117,11 +115,11 @@ def generate_group(engine: Omni, items: list[WorkItem]) -> list[Result]:
             negative_prompt=first.negative_prompt,
         )
     except Exception as e:
-        if device_lost(e):
+        if device_lost(e, engine.device):
             raise DeviceLostError(f"the device failed: {type(e).__name__}: {e}") from e
-        if not (out_of_memory(e) or isinstance(e, PERMANENT_ERRORS)):
+        if out_of_memory(e) is None and not isinstance(e, PERMANENT_ERRORS):
             raise
-        failed = _released(e)
+        failed = drop_frames(e)
     else:
         return _results(items, generated)
     # Out of the except clause, and the failure's frames dropped: the failed call's tensors are freed
@@ -129,36 +127,8 @@ def generate_group(engine: Omni, items: list[WorkItem]) -> list[Result]:
     return _after_failure(engine, items, failed)
 
 
-def out_of_memory(error: BaseException) -> bool:
-    """An allocation failure: torch's own error, or the RuntimeError a CUDA library or the host
-    allocator raises for one. A smaller batch may fit."""
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in OUT_OF_MEMORY_MARKERS)
-
-
-def device_lost(error: BaseException) -> bool:
-    """A device error other than out of memory: it leaves the CUDA context unusable, so every later
-    call would fail the same way. torch >= 2.8 raises AcceleratorError; earlier, a RuntimeError."""
-    if out_of_memory(error):
-        return False
-    if isinstance(error, getattr(torch, "AcceleratorError", ())):
-        return True
-    return isinstance(error, RuntimeError) and "CUDA error" in str(error)
-
-
-def _released(error: BaseException) -> BaseException:
-    """`error` without its tracebacks (and its causes'): they hold the failed call's frames."""
-    chain, seen = [], error
-    while seen is not None and seen not in chain:
-        chain.append(seen)
-        seen.__traceback__ = None
-        seen = seen.__cause__ or seen.__context__
-    return error
-
-
 def _after_failure(engine: Omni, items: list[WorkItem], error: BaseException) -> list[Result]:
-    if out_of_memory(error):
+    if out_of_memory(error) is not None:
         if len(items) == 1:
             return [failure(items[0], OutOfMemoryError("out of device memory even as a batch of one"))]
         # Smaller batches need less memory: split, free what the failed call held, retry each half.

@@ -24,6 +24,8 @@ logger = logging.getLogger("omni.worker")
 # Heartbeats sent per heartbeat timeout while busy (RabbitMQ closes a connection after about two
 # intervals of timeout / 2 with nothing received).
 BEATS_PER_TIMEOUT = 4
+# How long a shutdown waits for the side thread (stuck writing to a dead socket, it is let go).
+CLOSE_TIMEOUT_S = 5.0
 
 
 class Keepalive:
@@ -76,7 +78,7 @@ class Keepalive:
             self._wake.notify()
             thread, self._thread = self._thread, None
         if thread is not None:
-            thread.join()
+            thread.join(timeout=CLOSE_TIMEOUT_S)
 
     def _run(self) -> None:
         with self._lock:

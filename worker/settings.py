@@ -167,10 +167,12 @@ class WorkerSettings:
                 f"fuse (${ENV_FUSE}, --fuse) must be one of {modes}, got {self.fuse!r}"
             ) from None
         if self.compile is not None:
-            from omni_engine.compiling import check_compile_backend
+            from omni_engine.compiling import check_compile_backend, check_kernel_compiler
+            from omni_engine.models.loader import resolve_device
 
             try:
                 check_compile_backend(self.compile)
+                check_kernel_compiler(self.compile, resolve_device(None, None)[0])  # the engine's device
             except ValueError as e:
                 raise SettingsError(f"${ENV_COMPILE}, --compile: {e}") from None
 

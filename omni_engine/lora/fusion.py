@@ -66,8 +66,6 @@ def _backup_device(weights: list[torch.Tensor]) -> torch.device:
         return device
     needed = sum(w.numel() * w.element_size() for w in weights)
     free, _ = torch.cuda.mem_get_info(device)
-    # What torch's allocator holds unused is free to it too, though not to the driver.
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return device if free - needed >= MIN_FREE_DEVICE_BYTES else torch.device("cpu")
 
 

@@ -10,15 +10,13 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-import torch
-
+from omni_engine.device_errors import error_chain, out_of_memory
 from omni_engine.errors import AdapterError
 
 logger = logging.getLogger("omni.engine")
 
 # What PEFT and diffusers raise when they refuse an adapter's config or keys.
 ADAPTER_FAULTS = (ValueError, TypeError, KeyError, IndexError)
-MEMORY_ERRORS = (MemoryError, torch.OutOfMemoryError)
 # diffusers logs an ERROR from here for every load it rolls back.
 DIFFUSERS_LOADER_LOGGER = "diffusers.loaders.peft"
 
@@ -32,8 +30,8 @@ def adapter_fault(error: BaseException, name: str | None = None) -> BaseExceptio
     a ValueError raised from an out-of-memory error is out of memory.
     """
     real = _unmasked(error, name)
-    chain = _chain(real)
-    memory = next((e for e in chain if isinstance(e, MEMORY_ERRORS)), None)
+    chain = error_chain(real)
+    memory = out_of_memory(real)
     if memory is None and all(isinstance(e, ADAPTER_FAULTS) for e in chain):
         return real
     failure = memory or real
@@ -77,13 +75,3 @@ def _unmasked(error: BaseException, name: str) -> BaseException:
     while name is not None and isinstance(error, KeyError) and error.args == (name,) and error.__context__:
         error = error.__context__
     return error
-
-
-def _chain(error: BaseException) -> list[BaseException]:
-    """The error and those it was raised from or while handling, outermost first."""
-    chain: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and all(current is not seen for seen in chain):
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    return chain

@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 
 import boto3
 import pytest
+import redis
 from fixtures.brokers import wait_for_counts
 from fixtures.embedded import assert_same_images_as_embedded
 from fixtures.redis_server import free_port, queued_messages, reserved_restorer
@@ -377,6 +378,15 @@ def test_s3_outage_is_waited_out_without_regenerating(
     assert runs == len(jobs), f"{runs} generations for {len(jobs)} jobs: some were generated again"
 
 
+def _install_hook(source: str, monkeypatch, tmp_path) -> None:
+    """`source` as the `sitecustomize` of every worker the test starts."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(source)
+    # Before the tree's own path, if any: the worker must run this tree's code, not an installed one.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+
+
 CRASH_HOOK = textwrap.dedent(
     """
     # Test-only: a GPU driver crash cannot be produced on purpose, so a job whose prompt says so
@@ -410,11 +420,7 @@ def test_a_poison_job_is_failed_after_a_bound_and_the_rest_complete(
 ):
     if broker.kind == "amqp":  # RabbitMQ has nowhere to count starts: a Redis result backend does
         monkeypatch.setenv("OMNI_RESULT_BACKEND", redis_url)
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(CRASH_HOOK)
-    # Before the tree's own path, if any: the worker must run this tree's code, not an installed one.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    _install_hook(CRASH_HOOK, monkeypatch, tmp_path)
     monkeypatch.setenv("OMNI_MAX_ATTEMPTS", "2")
     poison = validate_job({"prompt": "please crash the worker", "dataset": "poison"})
     good = [validate_job({"prompt": f"fine {i}", "dataset": "poison"}) for i in range(3)]
@@ -473,19 +479,31 @@ DEVICE_LOSS_HOOK = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("started_before", [False, True], ids=["one-batch", "started-before"])
 def test_a_failed_device_stops_the_worker_and_its_jobs_finish_on_the_next_unfailed(
-    broker, s3_bucket, six_adapters, start_worker, shipped_defaults, monkeypatch, tmp_path
+    broker,
+    redis_url,
+    s3_bucket,
+    six_adapters,
+    start_worker,
+    shipped_defaults,
+    monkeypatch,
+    tmp_path,
+    started_before,
 ):
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(DEVICE_LOSS_HOOK)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    _install_hook(DEVICE_LOSS_HOOK, monkeypatch, tmp_path)
     monkeypatch.setenv("OMNI_TEST_DEVICE_LOST_MARKER", str(tmp_path / "device-lost"))
+    if broker.kind == "amqp":  # RabbitMQ has nowhere to count starts: a Redis result backend does
+        monkeypatch.setenv("OMNI_RESULT_BACKEND", redis_url)
+    starts = redis.Redis.from_url(redis_url if broker.kind == "amqp" else broker.url)
     jobs = [
         validate_job({"prompt": f"device {i}" + (", lose the device" if i == 2 else ""), "dataset": "device",
                       "adapter": ADAPTERS[0]})
         for i in range(5)
     ]  # fmt: skip
+    lost = jobs[2]
+    if started_before:  # each was started once by a worker that died: they run one by one
+        starts.mset({d.ATTEMPTS_KEY_PREFIX + job.job_id: 1 for job in jobs})
     with Client(broker.url) as client:
         client.submit_many(jobs)
     storage = open_storage(s3_bucket.uri)
@@ -494,14 +512,23 @@ def test_a_failed_device_stops_the_worker_and_its_jobs_finish_on_the_next_unfail
     wait_for(lambda: first.proc.poll() is not None, "the worker to stop once its device failed", 120)
     assert first.proc.returncode == 1, first.log[-6000:]
     assert "the device failed: AcceleratorError: CUDA error" in first.log, first.log[-6000:]
-    # Not the jobs' fault: none is failed, and each one not done is back in the queue at once (on
-    # Redis, the shipped 60 s visibility timeout has not passed: only the worker can have put it back).
+    # Not the jobs' fault: none is failed, and each one not done is back in the queue, put back by
+    # the worker itself (not by the warm stop's restore of what it still held) and at once (on Redis,
+    # the shipped 60 s visibility timeout has not passed).
     assert not [k for k in storage.list_keys("device/") if k.endswith(layout.ERROR_SUFFIX)]
     left = [j for j in jobs if not storage.exists(layout.sidecar_key("device", j.job_id))]
-    assert left, "the job that broke the device is not done"
+    assert lost in left
+    assert f"{len(left)} job(s) back to the queue, not run: the device failed" in first.log, first.log[-6000:]
+    assert "unacknowledged message" not in first.log, first.log[-6000:]
     wait_for_counts(
         broker, lambda ready, unacked: (ready, unacked) == (len(left), 0), "the jobs back", timeout=15
     )
+    # Nothing ran after the failure: no job left counts a start it did not make.
+    counts = {j.job_id: int(starts.get(d.ATTEMPTS_KEY_PREFIX + j.job_id) or 0) for j in left}
+    if started_before:  # one by one: only the job that broke the device was started again
+        assert counts == {j.job_id: 1 + (j is lost) for j in left}
+    else:  # the failed call's jobs were started once, any others in the window not at all
+        assert counts[lost.job_id] == 1 and set(counts.values()) <= {0, 1}
 
     second = start_worker(*worker_flags(broker.url, six_adapters, s3_bucket.uri))
     status = wait_settled(storage, "device", [j.job_id for j in jobs], worker=second, broker_url=broker.url)

@@ -61,10 +61,10 @@ def test_a_negative_broker_heartbeat_is_bad_usage_naming_the_flag_and_variable(t
     assert "--broker-heartbeat" in output and "OMNI_BROKER_HEARTBEAT" in output and "-5" in output
 
 
-def test_compile_with_no_compiler_to_build_kernels_stops_the_worker_at_start(redis_url, tmp_path):
+def test_compile_with_no_compiler_to_build_kernels_is_bad_usage_naming_the_variable(redis_url, tmp_path):
     # A worker that started would fail every job it took, at each job's first call.
-    env = {"PATH": str(tmp_path), "CXX": ""}  # nothing on PATH: no g++
+    env = {"PATH": str(tmp_path), "CC": "no-such-cc", "CXX": "no-such-c++"}  # nothing on PATH either
     flags = ("--broker", redis_url, "--out", str(tmp_path / "out"), "--compile", "inductor")
     code, output = run_worker(*flags, env=env)
-    assert code == EXIT_FAILURE, output[-3000:]
-    assert "C++ compiler, and none was found" in output, output[-3000:]
+    assert code == EXIT_USAGE, output[-3000:]
+    assert "OMNI_COMPILE, --compile" in output and "compiler, and none was found" in output, output[-3000:]
