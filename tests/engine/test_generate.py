@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from fixtures.engine import TINY_MODELS, image_bytes
 
 from omni_engine import Omni
 from omni_engine.lora.request import LoRARequest
+from omni_engine.models.presets import preset_dir
 
 
 def test_seed_example_runs_as_written_and_loads_nothing_twice(make_adapter):
@@ -119,3 +122,16 @@ def test_metadata_records_what_made_the_image(omni_factory, make_adapter):
     assert {"torch", "diffusers", "peft"} <= set(meta["versions"])
     assert meta["timings"]["generate_s"] > 0
     assert omni.generate("a bridge", seed=2)[0].metadata["lora"] is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+@pytest.mark.parametrize("tiny_model", TINY_MODELS)
+def test_a_cpu_engine_holds_its_weights_in_its_own_memory(omni_factory, tiny_model):
+    """The denoiser's weights, which fused calls write, are not pages of its file: a merge would
+    page-fault on every page it writes first. (The text encoders, never written, stay mapped.)"""
+    omni = omni_factory()
+    denoiser_dir = preset_dir(tiny_model) / omni._model.denoiser_name
+    mapped = Path("/proc/self/maps").read_text()
+    assert f"{preset_dir(tiny_model)}/text_encoder/" in mapped, "the check sees mapped model files"
+    assert f"{denoiser_dir}/" not in mapped
+    assert omni.generate("a lighthouse", seed=1)[0].images

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from fixtures.engine import image_bytes
 
 from omni_engine.errors import AdapterNotFoundError
@@ -31,6 +32,29 @@ def test_a_prefetched_adapter_is_used_without_a_read_on_the_call(omni_factory, m
     stats = omni.lora_stats()
     assert stats["disk_loads"] == 1 and stats["prefetched"] == 1
     assert output.metadata["timings"]["stall_s"] >= 0.0
+
+
+def test_reads_run_on_one_torch_thread_and_leave_the_callers_threads_alone(
+    omni_factory, make_adapter, monkeypatch
+):
+    """A read with a thread team of its own would take cores from the denoiser mid-step."""
+    import omni_engine.lora.manager as manager
+
+    omni = omni_factory()
+    seen: list[int] = []
+    real_read = manager.read_adapter
+
+    def read_and_note(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(manager, "read_adapter", read_and_note)
+    before = torch.get_num_threads()
+    omni.prefetch_loras([LoRARequest("a", 1, str(make_adapter("a")))])
+    _settle(omni)
+
+    assert seen == [1]
+    assert torch.get_num_threads() == before
 
 
 def test_held_adapters_are_not_read_again_and_a_call_without_prefetch_stalls(omni_factory, make_adapter):
