@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from omni_engine.lora.lru import LRUCache
-from omni_engine.lora.synth import write_random_adapter
+from omni_engine.lora.synth import write_random_adapters
 from producer.schema import Job, validate_job
 from worker.embedded import RunSummary, run_jobs
 from worker.settings import WorkerSettings, build_engine
@@ -75,9 +75,13 @@ def run_demo(out: Path, *, on_done: Callable[[int], None] | None = None) -> tupl
         output_uri=str(out / "images"),
     )
     engine = build_engine(settings)
-    for seed, name in enumerate(DEMO_ADAPTERS):
-        if not (adapter_root / name).is_dir():
-            write_random_adapter(adapter_root / name, engine.pipeline.transformer, rank=8, seed=seed)
+    missing = {
+        adapter_root / name: seed
+        for seed, name in enumerate(DEMO_ADAPTERS)
+        if not (adapter_root / name).is_dir()
+    }
+    if missing:
+        write_random_adapters(missing, engine.pipeline.transformer, rank=8)
     jobs = demo_jobs()
     return run_jobs(jobs, engine=engine, settings=settings, on_done=on_done), fifo_loads(
         jobs, DEMO_MAX_CPU_LORAS

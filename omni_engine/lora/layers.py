@@ -12,10 +12,12 @@ from omni_engine.lora.adapter import LoRAAdapter
 
 @dataclass(frozen=True)
 class LayerShape:
-    """lora_A and lora_B shapes for a given rank follow from the layer's kind and sizes."""
+    """lora_A and lora_B shapes for a given rank follow from the layer's kind and sizes; `dtype` is
+    its weight's, the one PEFT gives the LoRA weights it adds to the layer."""
 
     in_features: int
     out_features: int
+    dtype: torch.dtype
     kernel: tuple[int, ...] = ()
 
     def lora_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -29,9 +31,11 @@ def adaptable_layers(model: torch.nn.Module) -> dict[str, LayerShape]:
     layers: dict[str, LayerShape] = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            layers[name] = LayerShape(module.in_features, module.out_features)
+            layers[name] = LayerShape(module.in_features, module.out_features, module.weight.dtype)
         elif isinstance(module, torch.nn.Conv2d) and module.groups == 1:
-            layers[name] = LayerShape(module.in_channels, module.out_channels, tuple(module.kernel_size))
+            layers[name] = LayerShape(
+                module.in_channels, module.out_channels, module.weight.dtype, tuple(module.kernel_size)
+            )
     return layers
 
 

@@ -390,11 +390,17 @@ class LoRAManager:
             converter=self._converter,
         )
         check_compatible(adapter, self._layers, max_rank=self._max_rank)
-        if self._pin_host_memory:
-            adapter = dataclasses.replace(
-                adapter, tensors={k: v.pin_memory() for k, v in adapter.tensors.items()}
-            )
-        return adapter
+        return dataclasses.replace(adapter, tensors=self._host_copies(adapter.tensors))
+
+    def _host_copies(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The weights as the host tier holds them: in their layer's dtype, as PEFT and the slots
+        hold them (a float32 file for a bfloat16 model would otherwise hold, and copy in, twice
+        the bytes); pinned where the model is on CUDA, so they copy in without a staging buffer."""
+        held = {}
+        for key, tensor in tensors.items():
+            tensor = tensor.to(self._layers[key.rsplit(".", 2)[0]].dtype)
+            held[key] = tensor.pin_memory() if self._pin_host_memory else tensor
+        return held
 
     def _admit(self, adapter: LoRAAdapter) -> bool:
         """Hold a freshly read adapter, dropping older content of its directory; True if it was pinned."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from fixtures.engine import TINY_MODELS, image_bytes
+from safetensors.torch import load_file, save_file
 
 from omni_engine import Omni
 from omni_engine.lora.request import LoRARequest
@@ -135,3 +138,27 @@ def test_a_cpu_engine_holds_its_weights_in_its_own_memory(omni_factory, tiny_mod
     assert f"{preset_dir(tiny_model)}/text_encoder/" in mapped, "the check sees mapped model files"
     assert f"{denoiser_dir}/" not in mapped
     assert omni.generate("a lighthouse", seed=1)[0].images
+
+
+@pytest.mark.parametrize("fuse", ["never", "always"])
+def test_a_bfloat16_engine_holds_adapters_in_bfloat16_and_a_float32_file_changes_no_image(
+    omni_factory, make_adapter, fuse
+):
+    """Held in the layers' dtype: half the host memory of a float32 file, and the same images as
+    the same weights saved in bfloat16 (a conv layer's fused delta included)."""
+    fp32 = make_adapter("a", targets=("to_q", "to_out.0", "pos_embed.proj"))
+    bf16 = fp32.parent / "a-bf16"
+    shutil.copytree(fp32, bf16)
+    weights = bf16 / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(weights).items()}, weights)
+    omni = omni_factory(dtype="bfloat16", fuse=fuse)
+
+    images = [
+        omni.generate("a red boat", seed=3, lora_request=LoRARequest(path.name, i, str(path)))[0]
+        for i, path in enumerate((fp32, bf16), start=1)
+    ]
+
+    held = omni._lora._held_at(fp32.resolve())
+    assert {t.dtype for t in held.tensors.values()} == {torch.bfloat16}
+    assert images[0].metadata["fused"] is (fuse == "always")
+    assert images[0].images[0].tobytes() == images[1].images[0].tobytes()
