@@ -35,9 +35,8 @@ class Prefetcher:
         self._read = read
         self._capacity = capacity
         self._reads: OrderedDict[str, Future[LoRAAdapter]] = OrderedDict()
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="omni-prefetch", initializer=_one_torch_thread
-        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omni-prefetch")
+        _one_torch_thread(self._executor)
 
     def want(self, requests: Iterable[LoRARequest]) -> None:
         """Start reading these adapters (most wanted first); older wishes beyond capacity are dropped."""
@@ -77,9 +76,18 @@ class Prefetcher:
             raise
 
 
-def _one_torch_thread() -> None:
-    """A read's tensor checks run on this thread alone. With OpenMP the thread count is per thread,
-    and a team of its own here would take the cores from the denoiser's team mid-step: on a 2-core
-    CPU that cost the mixed workload 4% of its wall time, for 0.4 s of reads."""
-    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
-        torch.set_num_threads(1)
+def _one_torch_thread(executor: ThreadPoolExecutor) -> None:
+    """Run the executor's tensor checks on one torch thread. With OpenMP the thread count is per
+    thread, and a team of its own there would take the cores from the denoiser's team mid-step: on
+    a 2-core CPU that cost the mixed workload 4-5% of its wall time, for 0.4 s of reads."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return
+    threads = torch.get_num_threads()
+    executor.submit(_use_one_thread).result()
+    # torch.set_num_threads also sets the count that a thread takes when it first uses torch.
+    torch.set_num_threads(threads)
+
+
+def _use_one_thread() -> None:
+    torch.get_num_threads()  # this thread's first use: it takes the shared count now, not later
+    torch.set_num_threads(1)

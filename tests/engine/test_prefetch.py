@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from fixtures.engine import image_bytes
@@ -55,6 +57,11 @@ def test_reads_run_on_one_torch_thread_and_leave_the_callers_threads_alone(
 
     assert seen == [1]
     assert torch.get_num_threads() == before
+    later: list[int] = []
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert later == [before], "a thread that starts using torch later gets the caller's count"
 
 
 def test_held_adapters_are_not_read_again_and_a_call_without_prefetch_stalls(omni_factory, make_adapter):
