@@ -136,6 +136,7 @@ class DatasetScheduler(RedBeatScheduler):
         self.schedules: dict[str, Schedule] = {s.name: s for s in app.omni_schedules}
         self.ledger = RunLedger(get_redis(app))
         self._client: Client | None = None
+        self._registered = False  # the schedule is in Redis (setup_schedule went through)
         super().__init__(app, **kwargs)
 
     @property
@@ -144,9 +145,24 @@ class DatasetScheduler(RedBeatScheduler):
             self._client = Client(self.app.conf.broker_url)
         return self._client
 
+    def setup_schedule(self) -> None:
+        """Put the schedule in Redis. Redis gone between the CLI's check and this (beat starting
+        as it goes down) is waited out as any outage, not an exit."""
+        try:
+            super().setup_schedule()
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            self._registered = False
+            log.warning("Redis is unavailable (%s); trying again in %g s", e, self.max_interval)
+        else:
+            self._registered = True
+
     def tick(self, *args: Any, **kwargs: Any) -> float:
         if self.lock is None and self.lock_key:
             return self._lock_again()
+        if not self._registered:
+            self.setup_schedule()
+            if not self._registered:
+                return self.max_interval
         try:
             return super().tick(*args, **kwargs)
         except LockError:

@@ -398,8 +398,12 @@ class LoRAManager:
         the bytes); pinned where the model is on CUDA, so they copy in without a staging buffer."""
         held = {}
         for key, tensor in tensors.items():
-            tensor = tensor.to(self._layers[key.rsplit(".", 2)[0]].dtype)
-            held[key] = tensor.pin_memory() if self._pin_host_memory else tensor
+            dtype = self._layers[key.rsplit(".", 2)[0]].dtype
+            dtype = dtype if dtype.is_floating_point else tensor.dtype  # as PEFT: never cast to ints
+            if self._pin_host_memory:
+                held[key] = torch.empty(tensor.shape, dtype=dtype, pin_memory=True).copy_(tensor)
+            else:
+                held[key] = tensor.to(dtype)
         return held
 
     def _admit(self, adapter: LoRAAdapter) -> bool:
