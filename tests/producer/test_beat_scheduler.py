@@ -165,3 +165,17 @@ def test_runs_missed_while_no_beat_ran_are_sent_once_as_the_latest(beats, redis_
     later.tick()
     later.tick()
     assert sent_datasets(redis_url) == {"heartbeat-20261129T140000Z": 2, "heartbeat-20261129T140030Z": 2}
+
+
+def test_a_beat_whose_redis_goes_away_as_it_starts_registers_its_schedule_once_redis_is_back(
+    schedules: list, redis_server_factory
+) -> None:
+    server = redis_server_factory()
+    server.stop()  # gone after the CLI's check, before RedBeat puts the schedule in Redis
+    beat = Beat(schedules, server.url, T0)
+    try:
+        server.start()
+        beat.scheduler.tick()
+        assert beat.entry().name == "heartbeat"
+    finally:
+        beat.close()
