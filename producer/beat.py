@@ -152,7 +152,7 @@ class DatasetScheduler(RedBeatScheduler):
             super().setup_schedule()
         except (redis.ConnectionError, redis.TimeoutError) as e:
             self._registered = False
-            log.warning("Redis is unavailable (%s); trying again in %g s", e, self.max_interval)
+            self._wait_for_redis(e)
         else:
             self._registered = True
 
@@ -169,8 +169,12 @@ class DatasetScheduler(RedBeatScheduler):
             return self._lock_again()
         except (redis.ConnectionError, redis.TimeoutError) as e:
             # Redis down is waited out, tick after tick: nobody else can take the lock meanwhile.
-            log.warning("Redis is unavailable (%s); trying again in %g s", e, self.max_interval)
-            return self.max_interval
+            return self._wait_for_redis(e)
+
+    def _wait_for_redis(self, error: Exception) -> float:
+        """Say Redis is away; the seconds until the next try."""
+        log.warning("Redis is unavailable (%s); trying again in %g s", error, self.max_interval)
+        return self.max_interval
 
     def _lock_again(self) -> float:
         """The lock lapsed (Redis was away past its timeout, or came back empty), or was never taken
@@ -185,8 +189,7 @@ class DatasetScheduler(RedBeatScheduler):
             # An empty Redis has lost the schedule too: register it again (kept where it survived).
             self.setup_schedule()
         except (redis.ConnectionError, redis.TimeoutError) as e:
-            log.warning("Redis is unavailable (%s); trying again in %g s", e, self.max_interval)
-            return self.max_interval
+            return self._wait_for_redis(e)
         log.info("beat: Acquired lock again")
         return 0.0
 
